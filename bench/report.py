@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -27,10 +28,8 @@ def machine() -> str:
         pass
     versions = []
     for mod in ("torch", "onnxruntime", "numpy"):
-        try:
+        with contextlib.suppress(ImportError):
             versions.append(f"{mod} {__import__(mod).__version__}")
-        except ImportError:
-            pass
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, " + ", ".join(versions)
 
 
