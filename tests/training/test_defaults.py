@@ -1,0 +1,30 @@
+"""The default model set builder: builds missing models, skips valid ones, rebuilds broken ones."""
+
+import pytest
+
+from service.repository import load_model_card
+from training import defaults
+
+
+@pytest.fixture
+def tiny_defaults(monkeypatch):
+    monkeypatch.setattr(defaults, "DEFAULT_MODELS", {
+        "ppca-tiny": ["--model", "ppca", "--method", "closed-form", "--dataset", "digits", "--latent-dim", "3"],
+    })
+
+
+def test_build_skip_and_rebuild(tmp_path, tiny_defaults):
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    assert defaults.build_defaults(models, runs_dir=runs, progress=False) == {"ppca-tiny": "built"}
+    card = load_model_card(models / "ppca-tiny")
+    assert card.name == "ppca-tiny" and card.latent_dim == 3
+    assert not list(models.glob(".*.tmp"))  # the staging folder was moved into place
+    assert defaults.build_defaults(models, runs_dir=runs, progress=False) == {"ppca-tiny": "present"}
+    (models / "ppca-tiny" / "decoder.onnx").write_bytes(b"corrupt")
+    assert defaults.build_defaults(models, runs_dir=runs, progress=False) == {"ppca-tiny": "built"}
+    load_model_card(models / "ppca-tiny")
+
+
+def test_unknown_default_name(tmp_path, tiny_defaults):
+    with pytest.raises(ValueError, match="unknown default model 'gan'"):
+        defaults.build_defaults(tmp_path, names=["gan"])
