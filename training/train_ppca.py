@@ -172,11 +172,11 @@ def _plots(model: PPCA, data: ImageData, history: list[float], method: str, out:
     if len(history) > 1:
         plots.save_curves({"train": history}, out / "loglik.png", title=f"PPCA ({method}) log-likelihood",
                           xlabel="iteration" if method == "em" else "epoch", ylabel="nats / image")
-    # Principal directions: the columns of W, sorted by their length (the variance they explain).
-    Wn = model.W.numpy()
-    order = np.argsort(-np.linalg.norm(Wn, axis=0))
-    directions = Wn[:, order[:16]].T.reshape(-1, H, W)
-    plots.save_image_grid(directions, out / "directions.png", "principal directions (columns of W)",
+    # W is identified up to a rotation W R; its left singular vectors are the principal directions
+    # whatever R the fit ended in (EM and SEM do not align them), ordered by the variance they explain.
+    U, s, _ = np.linalg.svd(model.W.detach().numpy(), full_matrices=False)
+    directions = (U[:, :16] * s[:16]).T.reshape(-1, H, W)
+    plots.save_image_grid(directions, out / "directions.png", "principal directions (left singular vectors of W)",
                           symmetric=True)
     x, _ = model.sample(16, torch.Generator().manual_seed(0))
     plots.save_image_grid(x.clamp(0, 1).numpy().reshape(-1, H, W), out / "samples.png", "samples x ~ p(x)")
