@@ -1,0 +1,103 @@
+"""Planar normalizing flows (Rezende & Mohamed, 2015, "Variational Inference with Normalizing Flows").
+
+One flow maps f(z) = z + u_hat tanh(w^T z + b) with
+
+    log|det df/dz| = log|1 + (1 - tanh^2(w^T z + b)) u_hat^T w|,
+
+and is invertible when w^T u_hat >= -1, which :func:`u_hat` guarantees for any raw u (paper, appendix A):
+
+    u_hat = u + (m(w^T u) - w^T u) w / ||w||^2,   m(a) = -1 + softplus(a),   so  w^T u_hat = m(w^T u).
+
+Contract: every flow maps ``z -> (z_new, log_det)`` with ``log_det`` per sample (shape of ``z`` without
+its last axis); a stack returns ``(z_K, sum_k log_det_k)``. Parameters come either per sample from an
+encoder (*amortized*: u, w [..., K, d], b [..., K]) or as ``nn.Parameter`` shared by all samples
+(*global*: :class:`GlobalPlanarFlows`). :func:`planar_flows` applies K flows given explicit
+(u_hat, w, b) tensors, which is what a consumer of the exported encoder (outputs ``flow_u`` = u_hat,
+``flow_w``, ``flow_b``) recomputes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.functional import softplus
+
+# m(a) = -1 + max(softplus(a), U_HAT_MARGIN). Where softplus(a) underflows (exactly 0 for a < -104 in
+# float32, a < -745 in float64) the paper's m(a) is exactly -1, so w^T u_hat = -1 and the Jacobian
+# 1 + (1 - tanh^2) w^T u_hat is exactly 0 where w^T z + b = 0: a non-invertible flow and log|det| = -inf.
+# Clamping softplus from below keeps w^T u_hat >= -1 + 1e-4, so |det J| >= 1e-4 (log|det J| >= -9.2)
+# everywhere: the flow stays strictly invertible, and the bound stays a bound (no term is altered
+# inside a log). 1e-4 is wide against the float32 roundoff of recomputing w^T u_hat from an exported
+# u_hat (~1e-6 for |w^T u| ~ 10). The clamp is inactive (m is exactly the paper's) for a > -9.2.
+U_HAT_MARGIN = 1e-4
+
+
+def m(a: Tensor) -> Tensor:
+    """m(a) = -1 + softplus(a), its softplus clamped from below by :data:`U_HAT_MARGIN` (see there)."""
+    return -1.0 + softplus(a).clamp_min(U_HAT_MARGIN)
+
+
+def u_hat(u: Tensor, w: Tensor) -> Tensor:
+    """The constrained u of a planar flow: u_hat = u + (m(w^T u) - w^T u) w / ||w||^2 (so w^T u_hat >= -1).
+
+    u, w: [..., d] (matching shapes). Returns [..., d].
+    """
+    if u.shape != w.shape:
+        raise ValueError(f"u and w must have the same shape [..., d], got {tuple(u.shape)} and {tuple(w.shape)}")
+    wu = (w * u).sum(-1, keepdim=True)
+    return u + (m(wu) - wu) * w / (w * w).sum(-1, keepdim=True)
+
+
+def planar(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """One planar flow with already-constrained u_hat: z [..., d], u_hat/w [..., d], b [...] (broadcast
+    against z's leading axes). Returns (z + u_hat tanh(w^T z + b), log|1 + (1 - tanh^2) u_hat^T w|)."""
+    h = torch.tanh((z * w).sum(-1) + b)
+    z_new = z + u_hat * h.unsqueeze(-1)
+    psi_u = (1.0 - h * h) * (w * u_hat).sum(-1)  # h'(w^T z + b) u_hat^T w
+    return z_new, torch.log(torch.abs(1.0 + psi_u))
+
+
+def planar_flows(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """K planar flows in sequence: z [..., d]; u_hat, w [..., K, d]; b [..., K], whose leading axes
+    broadcast against z's (e.g. z [N, S, d] with u_hat [N, 1, K, d], or global u_hat [K, d]).
+
+    Returns (z_K [..., d], sum_k log|det J_k| [...]). K = 0 returns (z, zeros).
+    """
+    if u_hat.shape != w.shape or u_hat.shape[:-1] != b.shape:
+        raise ValueError(f"expected u_hat, w [..., K, d] and b [..., K], got {tuple(u_hat.shape)}, "
+                         f"{tuple(w.shape)}, {tuple(b.shape)}")
+    if u_hat.shape[-1] != z.shape[-1]:
+        raise ValueError(f"flow parameters have d = {u_hat.shape[-1]}, z has d = {z.shape[-1]}")
+    if u_hat.shape[-2] == 0:
+        return z, torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+    # The same math as `planar`, with fewer autograd nodes (one per line below, four per flow): the
+    # log-dets of all K flows are computed together after the loop from the stacked tanh values.
+    hs = []
+    for uk, wk, bk in zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-1), strict=True):
+        h = torch.tanh(torch.linalg.vecdot(z, wk) + bk)
+        z = torch.addcmul(z, uk, h.unsqueeze(-1))  # z + u_hat h
+        hs.append(h)
+    h = torch.stack(hs, -1)  # [..., K]
+    wu = torch.linalg.vecdot(w, u_hat)  # w_k^T u_hat_k [..., K], broadcast against h
+    log_det = torch.log(torch.abs(1.0 + (1.0 - h * h) * wu)).sum(-1)
+    return z, log_det
+
+
+class GlobalPlanarFlows(nn.Module):
+    """K planar flows whose parameters are shared by all samples (``nn.Parameter`` u, w [K, d], b [K])."""
+
+    def __init__(self, latent_dim: int, flows: int):
+        super().__init__()
+        # w, u ~ N(0, 1/d): ||w|| ~ 1, so u_hat = u + (m - w^T u) w / ||w||^2 starts O(1), not huge.
+        self.u = nn.Parameter(torch.randn(flows, latent_dim) / latent_dim**0.5)
+        self.w = nn.Parameter(torch.randn(flows, latent_dim) / latent_dim**0.5)
+        self.b = nn.Parameter(torch.zeros(flows))
+
+    def params(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(u_hat [K, d], w [K, d], b [K]), u_hat computed once for the whole batch."""
+        return u_hat(self.u, self.w), self.w, self.b
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        if z.shape[-1] != self.u.shape[-1]:
+            raise ValueError(f"expected z [..., {self.u.shape[-1]}], got {tuple(z.shape)}")
+        return planar_flows(z, *self.params())
