@@ -1,0 +1,577 @@
+"""The FastAPI app: factory, lifespan, dependencies and thin route handlers.
+
+    uvicorn --factory service.app:create_app      # or: python -m service
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import secrets
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service import images as img
+from service.errors import PROBLEM_MEDIA_TYPE, ProblemError, install_error_handlers, problem_response
+from service.metrics import Metrics
+from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
+from service.runtime import LoadedModel, QueueFullError, Runtime
+from service.schemas import (
+    DecodeRequest,
+    EncodeResponse,
+    Health,
+    ImagesJSON,
+    ImagesResponse,
+    LogLikelihoodResponse,
+    ModelDetail,
+    ModelsResponse,
+    Problem,
+    Ready,
+    SampleResponse,
+)
+from service.settings import Settings
+
+log = logging.getLogger("service")
+BINARIZATION = "x >= 0.5 -> 1, else 0 (after resizing and invert)"
+# Images whose files together exceed this are decoded in a worker thread, not on the event loop.
+INLINE_DECODE_BYTES = 64 * 1024
+LOG2 = math.log(2.0)
+
+# ------------------------------------------------------------------------------------------------
+# Dependencies
+# ------------------------------------------------------------------------------------------------
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+ModelName = Annotated[str | None, Query(max_length=200, description="model name (default: the service's "
+                                        "default model, see GET /models)", examples=["ppca-mnist"])]
+
+
+def get_model(request: Request, runtime: RuntimeDep, model: ModelName = None) -> LoadedModel:
+    if not runtime.ready:
+        detail = runtime.load_error or ("no models are loaded" if runtime.models == {} and _loaded(request)
+                                        else "the models are still loading")
+        raise ProblemError(503, "Not ready", detail, slug="not-ready",
+                           headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+    name = model or runtime.default_model
+    request.state.model = name
+    if name in runtime.models:
+        return runtime.models[name]
+    if name in runtime.broken:
+        raise ProblemError(404, "Unknown model", f"model {name!r} is unavailable: its folder failed validation "
+                           f"({runtime.broken[name]})", slug="unknown-model")
+    raise ProblemError(404, "Unknown model", f"model {name!r} is not loaded; loaded models: "
+                       f"{', '.join(sorted(runtime.models)) or 'none'}", slug="unknown-model")
+
+
+def _loaded(request: Request) -> bool:
+    return request.app.state.loading_task is not None and request.app.state.loading_task.done()
+
+
+ModelDep = Annotated[LoadedModel, Depends(get_model)]
+Invert = Annotated[bool, Query(description="x -> 1 - x, for dark ink on a light background "
+                                           "(the models expect light ink on black, as MNIST)")]
+Format = Annotated[Literal["json", "png"] | None, Query(description="response format; default: from the "
+                                                        "Accept header")]
+Scale = Annotated[int, Query(ge=1, le=64, description="PNG: integer upscaling factor (nearest neighbour)")]
+
+# ------------------------------------------------------------------------------------------------
+# OpenAPI helpers
+# ------------------------------------------------------------------------------------------------
+
+_ERRORS = {
+    400: "Malformed request (multipart syntax, Content-Length)",
+    401: "API key missing or wrong (when the service has one)",
+    404: "Unknown model",
+    413: "Body, image or request too large",
+    415: "Unsupported media type (request body or image format)",
+    422: "Invalid input: says what was expected",
+    429: "Queue full: retry after the Retry-After header's seconds",
+    503: "Models not loaded yet",
+}
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": Problem, "description": _ERRORS[c]} for c in codes}
+
+
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["images"], "properties": {"images": {
+                    "type": "array", "items": {"type": "string", "format": "binary"},
+                    "description": "image files (PNG, JPEG, BMP, GIF, TIFF, WebP); one part per image"}}},
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/ImagesJSON"}},
+        },
+    }
+}
+_PNG_OR_JSON = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, plus: problem+json for every error, the image request body, the API key."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    extra = ImagesJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+    comps.update(extra.pop("$defs", {}))
+    comps["ImagesJSON"] = extra
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    for path_item in schema.get("paths", {}).values():
+        for op in path_item.values():
+            for code, resp in op.get("responses", {}).items():
+                if code.isdigit() and int(code) >= 400:
+                    resp["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}
+                    if code in ("429", "503"):
+                        resp["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                                           "description": "seconds"}}
+    if app.state.settings.api_key is not None:
+        schema["components"]["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer"},
+        }
+        schema["security"] = [{"apiKey": []}, {"bearer": []}]
+    app.openapi_schema = schema
+    return schema
+
+
+# ------------------------------------------------------------------------------------------------
+# Input parsing
+# ------------------------------------------------------------------------------------------------
+
+
+async def read_images(request: Request, settings: Settings, model: LoadedModel, invert: bool
+                      ) -> list[img.PreparedImage]:
+    """The request's images (multipart parts named `images`, or JSON) prepared for `model`."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    shape = model.card.image_shape
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=settings.max_images + 1, max_fields=settings.max_images + 16)
+        parts = form.getlist("images")
+        if not parts:
+            names = sorted(set(form.keys()))
+            raise ProblemError(422, "No images", f"expected file parts named 'images', got parts {names}",
+                               slug="no-images")
+        _check_count(len(parts), settings)
+        blobs = []
+        for i, part in enumerate(parts):
+            if not isinstance(part, UploadFile):
+                raise ProblemError(422, "Not a file", f"part images[{i}] is a text field; send each image as a "
+                                   "file part (Content-Disposition with a filename)", slug="not-a-file")
+            blobs.append((await part.read(), part.filename or f"images[{i}]"))
+
+        def decode_all() -> list[img.PreparedImage]:
+            return [img.prepare(img.decode_image(data, name, max_pixels=settings.max_image_pixels), shape,
+                                invert=invert, source=name) for data, name in blobs]
+
+        if sum(len(b) for b, _ in blobs) > INLINE_DECODE_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(None, decode_all)
+        return decode_all()
+    if ctype == "application/json" or ctype.endswith("+json"):
+        body = await request.body()
+        if not body.strip():
+            raise ProblemError(422, "Empty request", 'the body is empty; expected {"images": [...]} or a '
+                               "multipart upload", slug="empty-request")
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ProblemError(422, "Malformed JSON", f"the body is not valid JSON ({e})", slug="malformed-json") \
+                from e
+        if isinstance(payload, dict) and isinstance(payload.get("images"), list):
+            _check_count(len(payload["images"]), settings)
+        try:
+            parsed = ImagesJSON.model_validate(payload)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise ProblemError(422, "Invalid request", f"{where}: {first['msg']}; expected "
+                               '{"images": [image, ...]} with each image an H x W array or a flat array of D '
+                               "intensities in [0, 1]", slug="invalid-request") from e
+        out = []
+        for i, values in enumerate(parsed.images):
+            pixels = img.json_image(values, shape, i)
+            out.append(img.prepare(pixels, shape, invert=invert, source=f"images[{i}]"))
+        return out
+    raise ProblemError(415, "Unsupported media type", f"Content-Type {ctype or '(none)'!r} is not accepted; send "
+                       "multipart/form-data with file parts named 'images', or application/json "
+                       '{"images": [...]}', slug="unsupported-media-type")
+
+
+def _check_count(n: int, settings: Settings) -> None:
+    if n == 0:
+        raise ProblemError(422, "Empty request", "no images in the request (expected at least one)",
+                           slug="empty-request")
+    if n > settings.max_images:
+        raise ProblemError(413, "Too many images", f"{n} images in one request; the limit is "
+                           f"{settings.max_images}", slug="too-many-images")
+
+
+def _wants_png(request: Request, fmt: str | None, default: str) -> bool:
+    if fmt is not None:
+        return fmt == "png"
+    accept = request.headers.get("accept", "")
+    if "image/png" in accept or "image/*" in accept:
+        return True
+    if "application/json" in accept:
+        return False
+    return default == "png"
+
+
+def _image_response(request: Request, model: LoadedModel, x: np.ndarray, fmt: str | None, default: str,
+                    scale: int, settings: Settings, extra: dict | None = None) -> Response | dict:
+    H, W = model.card.image_shape
+    x = np.clip(x, 0.0, 1.0).reshape(-1, H, W)
+    if _wants_png(request, fmt, default):
+        if scale > settings.max_png_scale:
+            raise ProblemError(422, "Invalid scale", f"scale must be <= {settings.max_png_scale}, got {scale}",
+                               slug="invalid-parameter")
+        return Response(img.png_grid(x, scale=scale), media_type="image/png")
+    return {"model": model.name, "image_shape": [H, W], "images": x.tolist(), **(extra or {})}
+
+
+async def _run(runner, inputs: dict[str, np.ndarray], settings: Settings, cost: int | None = None):
+    try:
+        return await runner.run(inputs, cost)
+    except QueueFullError as e:
+        raise ProblemError(429, "Too many requests", f"{e}; retry later", slug="queue-full",
+                           headers={"Retry-After": str(settings.retry_after_s)}) from e
+
+
+def _flow(z: np.ndarray, u: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """z_K = f_K(...f_1(z)), f_k(z) = z + u_k tanh(w_k^T z + b_k) (models/README.md), row by row."""
+    for k in range(u.shape[1]):
+        a = np.einsum("nd,nd->n", w[:, k], z) + b[:, k]
+        z = z + u[:, k] * np.tanh(a)[:, None]
+    return z
+
+
+def _bits_per_dim(card, ll: float, binarized: bool) -> tuple[float | None, str | None]:
+    D = card.data_dim
+    if card.likelihood == "gaussian":
+        return ((-ll + D * math.log(256.0)) / (D * LOG2),
+                "density on [0, 1] data read as 256 levels per pixel: (-log p(x) + D log 256) / (D ln 2)")
+    if binarized:
+        return -ll / (D * LOG2), "binary data, a probability mass: -log p(x) / (D ln 2)"
+    return None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Routes
+# ------------------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/health", response_model=Health, tags=["operations"], summary="the process is alive")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=Ready, tags=["operations"], responses=_errors(503),
+            summary="models loaded and warmed up (503 until then)")
+async def ready(request: Request, runtime: RuntimeDep, settings: SettingsDep):
+    if not runtime.ready:
+        detail = runtime.load_error or ("no models could be loaded" if _loaded(request) else "loading models")
+        return problem_response(503, "Not ready", detail, "not-ready", headers={"Retry-After": str(
+            settings.retry_after_s)})
+    return {"status": "ready", "models": sorted(runtime.models), "default_model": runtime.default_model}
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics", responses={
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+    **_errors(401)})
+async def metrics(request: Request) -> Response:
+    m: Metrics = request.app.state.metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/models", response_model=ModelsResponse, tags=["models"], responses=_errors(401),
+            summary="the loaded models with their cards")
+async def list_models(runtime: RuntimeDep) -> dict:
+    return {
+        "default_model": runtime.default_model,
+        "models": [dict(m.summary(), default=m.name == runtime.default_model)
+                   for m in sorted(runtime.models.values(), key=lambda m: m.name)],
+        "unavailable": dict(runtime.broken),
+    }
+
+
+@router.get("/models/{name}", response_model=ModelDetail, tags=["models"], responses=_errors(401, 404, 503),
+            summary="one model and its full card")
+async def get_model_info(request: Request, runtime: RuntimeDep,
+                         name: Annotated[str, Path(max_length=200, description="model name")]) -> dict:
+    m = get_model(request, runtime, name)
+    return dict(m.summary(), default=m.name == runtime.default_model, card=m.card.raw)
+
+
+@router.post("/encode", response_model=EncodeResponse, tags=["inference"],
+             responses=_errors(400, 401, 404, 413, 415, 422, 429, 503), openapi_extra=_IMAGE_BODY,
+             summary="images -> posterior mean and log-variance")
+async def encode(request: Request, model: ModelDep, settings: SettingsDep, invert: Invert = False,
+                 flow_params: Annotated[bool, Query(description="flow models: also return the flow parameters "
+                                                    "(u_hat, w, b)")] = False) -> dict:
+    """Encode images: each image's posterior `mean` and `log_var` (the exact posterior for ppca).
+
+    Send the images as multipart/form-data (file parts named `images`: PNG, JPEG, BMP, GIF, TIFF, WebP) or
+    as JSON `{"images": [...]}` (H x W arrays or flat arrays of D intensities in [0, 1]). Colour and alpha
+    are converted to grayscale (transparent pixels on white); other sizes are resized to the model's
+    `image_shape` and the result says `resized`. The models expect light ink on black (MNIST): use
+    `invert=true` for dark ink on a light background. Flow models also give `z_k`, the mean pushed through
+    the K planar flows.
+    """
+    prepared = await read_images(request, settings, model, invert)
+    x = np.stack([p.x for p in prepared])
+    request.state.batch_size = len(prepared)
+    out = await _run(model.runners["encoder"], {"x": x}, settings)
+    flows = model.card.flows > 0
+    zk = _flow(out["mean"], out["flow_u"], out["flow_w"], out["flow_b"]) if flows else None
+    results = []
+    for i, p in enumerate(prepared):
+        r = {"source": p.source, "original_shape": list(p.original_shape), "resized": p.resized,
+             "mean": out["mean"][i].tolist(), "log_var": out["log_var"][i].tolist(), "z_k": None, "flow": None}
+        if flows:
+            r["z_k"] = zk[i].tolist()
+            if flow_params:
+                r["flow"] = {"u": out["flow_u"][i].tolist(), "w": out["flow_w"][i].tolist(),
+                             "b": out["flow_b"][i].tolist()}
+        results.append(r)
+    return {"model": model.name, "kind": model.card.kind, "latent_dim": model.card.latent_dim,
+            "inverted": invert, "results": results}
+
+
+@router.post("/decode", response_model=ImagesResponse, tags=["inference"],
+             responses={200: {**_PNG_OR_JSON, "description": "JSON images, or a PNG (one image or a grid)"},
+                        **_errors(400, 401, 404, 413, 422, 429, 503)},
+             summary="latent codes -> images (JSON or PNG)")
+async def decode(request: Request, body: DecodeRequest, model: ModelDep, settings: SettingsDep,
+                 format: Format = None, scale: Scale = 1):
+    """Decode latent codes `z` ([N][latent_dim]) to E[x | z], clipped to [0, 1].
+
+    JSON (H x W arrays) or PNG (one image, or a grid for several): `format=json|png`, or the Accept header
+    (`image/png`); JSON by default.
+    """
+    d = model.card.latent_dim
+    _check_count(len(body.z), settings)
+    bad = [i for i, row in enumerate(body.z) if len(row) != d]
+    if bad:
+        raise ProblemError(422, "Wrong latent size", f"z[{bad[0]}] has {len(body.z[bad[0]])} values; model "
+                           f"{model.name!r} has latent_dim {d}", slug="wrong-latent-size")
+    z = np.asarray(body.z, dtype=np.float64)
+    if not np.isfinite(z).all():
+        raise ProblemError(422, "Invalid latent values", "z holds NaN or infinite values (expected finite numbers)",
+                           slug="invalid-latent-values")
+    if np.abs(z).max() > settings.max_latent_abs:
+        raise ProblemError(422, "Invalid latent values", f"|z| must be <= {settings.max_latent_abs:g} (the prior "
+                           f"is N(0, I)), got {np.abs(z).max():.4g}", slug="invalid-latent-values")
+    request.state.batch_size = len(z)
+    out = await _run(model.runners["decoder"], {"z": z.astype(np.float32)}, settings)
+    return _image_response(request, model, out["x_mean"], format, "json", scale, settings)
+
+
+@router.get("/sample", response_model=SampleResponse, tags=["inference"],
+            responses={200: {**_PNG_OR_JSON, "description": "a PNG grid (default) or JSON"},
+                       **_errors(401, 404, 422, 429, 503)},
+            summary="samples from the prior through the decoder")
+async def sample(request: Request, model: ModelDep, settings: SettingsDep,
+                 n: Annotated[int, Query(ge=1, le=1_000_000, description="number of samples (at most the "
+                                         "service's max_samples, 256 by default)")] = 16,
+                 seed: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="makes the draw "
+                                                   "reproducible (default: random, returned in JSON)")] = None,
+                 temperature: Annotated[float, Query(ge=0, le=1e6, allow_inf_nan=False, description="scales "
+                                                     "the prior's standard deviation")] = 1.0,
+                 format: Format = None, scale: Scale = 1):
+    """`n` images E[x | z] with z = temperature * N(0, I) drawn by `numpy.random.default_rng(seed)`.
+
+    A PNG grid by default (so that a browser shows it); JSON with `format=json` or Accept: application/json.
+    """
+    if n > settings.max_samples:
+        raise ProblemError(422, "Too many samples", f"n must be <= {settings.max_samples}, got {n}",
+                           slug="invalid-parameter")
+    if temperature > settings.max_temperature:
+        raise ProblemError(422, "Invalid temperature", f"temperature must be in [0, {settings.max_temperature:g}],"
+                           f" got {temperature:g}", slug="invalid-parameter")
+    seed = secrets.randbits(63) if seed is None else seed
+    z = (temperature * np.random.default_rng(seed).standard_normal((n, model.card.latent_dim))).astype(np.float32)
+    request.state.batch_size = n
+    out = await _run(model.runners["decoder"], {"z": z}, settings)
+    return _image_response(request, model, out["x_mean"], format, "png", scale, settings,
+                           {"seed": seed, "temperature": temperature, "z": z.tolist()})
+
+
+@router.post("/log-likelihood", response_model=LogLikelihoodResponse, tags=["inference"],
+             responses=_errors(400, 401, 404, 413, 415, 422, 429, 503), openapi_extra=_IMAGE_BODY,
+             summary="ELBO, importance-weighted bound (exact for ppca) and bits/dim per image")
+async def log_likelihood(
+    request: Request, model: ModelDep, settings: SettingsDep, invert: Invert = False,
+    samples: Annotated[int | None, Query(ge=1, le=1_000_000, description="S importance samples (VAEs; "
+                                         "default 100, at most the service's max_importance_samples)")] = None,
+    seed: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="seed of eps ~ N(0, I) (default: "
+                                      "random, returned)")] = None,
+    binarize: Annotated[bool, Query(description="Bernoulli models: threshold the input at 0.5 first (the "
+                                    "figures are probabilities only for binary images)")] = True,
+) -> dict:
+    """Per image: the ELBO, the importance-weighted bound with S samples, bits/dim; exact for ppca.
+
+    Images as for /encode. For the VAEs, eps = `numpy.random.default_rng(seed).standard_normal((N, S, d),
+    dtype=float32)` for the N images of the request, fed to the model's bound graph: log_w [N, S]; ELBO = mean
+    over S, bound = logsumexp - log S (models/README.md). Bernoulli models evaluate binarized input: each
+    intensity >= 0.5 becomes 1, the rest 0 (after resizing and `invert`); `binarize=false` evaluates the
+    intensities as they are (no bits/dim then). PPCA's log p(x) is exact (`log_likelihood_exact`).
+    """
+    card = model.card
+    prepared = await read_images(request, settings, model, invert)
+    x = np.stack([p.x for p in prepared])
+    N = len(x)
+    request.state.batch_size = N
+    binarized = card.likelihood == "bernoulli" and binarize
+    if binarized:
+        x = (x >= 0.5).astype(np.float32)
+    if card.kind == "ppca":
+        out = await _run(model.runners["loglik"], {"x": x}, settings)
+        ll = out["log_px"].astype(np.float64)
+        elbo = iw = ll
+        S, seed = None, None
+    else:
+        S = n_samples = samples or settings.default_importance_samples
+        if n_samples > settings.max_importance_samples:
+            raise ProblemError(422, "Too many samples", f"samples must be <= {settings.max_importance_samples}, "
+                               f"got {S}", slug="invalid-parameter")
+        work = N * S
+        if work > settings.max_images * settings.max_importance_samples // 4:
+            raise ProblemError(413, "Too much work", f"{N} images x {S} samples = {N * S} evaluations; the limit "
+                               f"is {settings.max_images * settings.max_importance_samples // 4}: send fewer images "
+                               "or samples", slug="too-much-work")
+        seed = secrets.randbits(63) if seed is None else seed
+        eps = np.random.default_rng(seed).standard_normal((N, S, card.latent_dim), dtype=np.float32)
+        log_w = await _bound(model, x, eps, settings)
+        lw = log_w.astype(np.float64)
+        elbo = lw.mean(axis=1)
+        m = lw.max(axis=1, keepdims=True)
+        iw = (m[:, 0] + np.log(np.exp(lw - m).sum(axis=1))) - math.log(S)
+        ll = iw
+    note = None
+    results = []
+    for i, p in enumerate(prepared):
+        bpd, note = _bits_per_dim(card, float(ll[i]), binarized)
+        results.append({"source": p.source, "original_shape": list(p.original_shape), "resized": p.resized,
+                        "log_likelihood": float(ll[i]), "log_likelihood_exact": card.kind == "ppca",
+                        "elbo": float(elbo[i]), "iw_bound": float(iw[i]), "bits_per_dim": bpd})
+    return {"model": model.name, "kind": card.kind, "likelihood": card.likelihood, "samples": S, "seed": seed,
+            "binarized": binarized, "binarization": BINARIZATION if binarized else None,
+            "bits_per_dim_note": note, "results": results}
+
+
+async def _bound(model: LoadedModel, x: np.ndarray, eps: np.ndarray, settings: Settings) -> np.ndarray:
+    """log_w [N, S] from the bound graph in calls of at most bound_chunk_rows rows (images x samples)."""
+    runner = model.runners["bound"]
+    N, S, _ = eps.shape
+    rows = settings.bound_chunk_rows
+    if rows >= S:
+        per = max(1, rows // S)
+        parts = await asyncio.gather(*(_run(runner, {"x": x[i:i + per], "eps": eps[i:i + per]}, settings,
+                                            cost=len(x[i:i + per]) * S) for i in range(0, N, per)))
+        return np.concatenate([p["log_w"] for p in parts])
+    out = []
+    for i in range(N):
+        parts = await asyncio.gather(*(_run(runner, {"x": x[i:i + 1], "eps": eps[i:i + 1, j:j + rows]}, settings,
+                                            cost=len(eps[0, j:j + rows])) for j in range(0, S, rows)))
+        out.append(np.concatenate([p["log_w"] for p in parts], axis=1))
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Factory
+# ------------------------------------------------------------------------------------------------
+
+
+class JSONLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if msg.startswith("{"):
+            return msg  # already a JSON line (the access log)
+        out = {"event": "log", "level": record.levelname.lower(), "logger": record.name, "message": msg}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(level: str) -> None:
+    logger = logging.getLogger("service")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_latentserve", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(JSONLogFormatter())
+        handler._latentserve = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    runtime: Runtime = app.state.runtime
+    # Load in the background so that /health answers at once and /ready says 503 until the models are warm.
+    app.state.loading_task = asyncio.create_task(runtime.start(), name="load-models")
+    try:
+        yield
+    finally:
+        task = app.state.loading_task
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # already logged by the task
+            await task
+        await runtime.stop()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. Settings default to the environment (LATENTSERVE_*), read now, not at import."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title="latentserve",
+        version="0.1.0",
+        description="Encode, decode, sample and log-likelihood bounds of latent-variable image models "
+                    "(PPCA, VAE, planar-flow VAE) with ONNX Runtime. Errors are application/problem+json "
+                    "(RFC 9457).",
+        lifespan=lifespan,
+    )
+    metrics = Metrics()
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.runtime = Runtime(settings, metrics)
+    app.state.loading_task = None
+    install_error_handlers(app)
+    app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    # Middlewares: the last added is the outermost: CORS -> request id/log/metrics -> API key -> body limit.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
+    return app

@@ -1,0 +1,101 @@
+"""Errors as application/problem+json (RFC 9457): type, title, status, detail (+ extra members)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+TYPE_BASE = "/problems/"
+
+log = logging.getLogger("service.errors")
+
+
+class ProblemError(Exception):
+    """An error answered as problem+json. `slug` names the problem type (`/problems/<slug>`)."""
+
+    def __init__(self, status: int, title: str, detail: str, *, slug: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.slug = slug or title.lower().replace(" ", "-")
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def problem_body(status: int, title: str, detail: str, slug: str, **extra: Any) -> dict:
+    return {"type": TYPE_BASE + slug, "title": title, "status": status, "detail": detail, **extra}
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_MEDIA_TYPE
+
+    def render(self, content: Any) -> bytes:
+        # allow_nan=False: a problem body is always valid JSON
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def problem_response(status: int, title: str, detail: str, slug: str, headers: dict[str, str] | None = None,
+                     **extra: Any) -> ProblemResponse:
+    return ProblemResponse(problem_body(status, title, detail, slug, **extra), status_code=status, headers=headers)
+
+
+def problem_bytes(status: int, title: str, detail: str, slug: str, **extra: Any) -> bytes:
+    return ProblemResponse(problem_body(status, title, detail, slug, **extra)).body
+
+
+# Short titles for HTTP errors raised by the framework (unknown path, wrong method).
+_HTTP_TITLES = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 401: "Unauthorized",
+                413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+                503: "Service Unavailable"}
+
+
+def _jsonable_errors(errors: list[dict]) -> list[dict]:
+    out = []
+    for e in errors[:20]:  # enough to say what is wrong; a 784-pixel list of errors is not
+        out.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                    "type": str(e.get("type", ""))})
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError):
+        return problem_response(exc.status, exc.title, exc.detail, exc.slug, headers=exc.headers, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = _jsonable_errors(list(exc.errors()))
+        parts = [f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:5]]
+        return problem_response(422, "Invalid request", "; ".join(parts) or "the request is invalid",
+                                "invalid-request", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        from service.middleware import BodyTooLargeError
+
+        if isinstance(exc.__cause__, BodyTooLargeError):  # FastAPI wraps body-read errors in a 400
+            return problem_response(413, "Content too large", "the request body is larger than the size limit",
+                                    "content-too-large")
+        title = _HTTP_TITLES.get(exc.status_code, "HTTP error")
+        detail = exc.detail if isinstance(exc.detail, str) else title
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no endpoint at {request.url.path}; see /docs for the API"
+        if exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return problem_response(exc.status_code, title, detail, title.lower().replace(" ", "-"),
+                                headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # pragma: no cover - a bug, logged with its trace
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
+                                "internal-error")

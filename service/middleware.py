@@ -1,0 +1,152 @@
+"""Pure ASGI middlewares: request id + one JSON log line + metrics, API key, body size limit."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from service.errors import problem_bytes
+from service.metrics import Metrics
+
+access_log = logging.getLogger("service.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
+async def send_problem(send, status: int, title: str, detail: str, slug: str,
+                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = problem_bytes(status, title, detail, slug)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/problem+json"),
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v
+    return None
+
+
+class RequestContextMiddleware:
+    """X-Request-ID (taken from the request when well-formed, else made), a JSON log line and metrics."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = _header(scope, b"x-request-id")
+        rid = given.decode("latin-1") if given and _REQUEST_ID.match(given.decode("latin-1")) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            latency = time.perf_counter() - start
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            model = state.get("model") or "-"
+            code = status[0]
+            self.metrics.requests.labels(endpoint, model, str(code)).inc()
+            self.metrics.latency.labels(endpoint, model).observe(latency)
+            if code >= 400:
+                self.metrics.errors.labels(endpoint, model, str(code)).inc()
+            if access_log.isEnabledFor(logging.INFO):
+                record: dict[str, Any] = {
+                    "event": "request", "request_id": rid, "method": scope.get("method"),
+                    "endpoint": endpoint, "path": scope.get("path"), "model": state.get("model"),
+                    "status": code, "batch_size": state.get("batch_size"),
+                    "latency_ms": round(latency * 1000.0, 3),
+                }
+                access_log.info(json.dumps(record, separators=(",", ":")))
+
+
+class APIKeyMiddleware:
+    """When an API key is set, every path but /health and /ready needs it (X-API-Key or Bearer)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope.get("method") == "OPTIONS":
+            return await self.app(scope, receive, send)
+        given = _header(scope, b"x-api-key")
+        if given is None:
+            auth = _header(scope, b"authorization") or b""
+            if auth[:7].lower() == b"bearer ":
+                given = auth[7:].strip()
+        if given is not None and hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        await send_problem(send, 401, "Unauthorized", "this endpoint needs the API key: send it in the X-API-Key "
+                           "header or as Authorization: Bearer <key>", "unauthorized",
+                           [(b"www-authenticate", b'Bearer realm="latentserve"')])
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+class BodySizeLimitMiddleware:
+    """413 before the body is read when Content-Length is over the limit; counts streamed bytes otherwise."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                length = -1
+            if length < 0:
+                return await send_problem(send, 400, "Bad Request", "invalid Content-Length header", "bad-request")
+            if length > self.max_bytes:
+                return await self._too_large(send)
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLargeError
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLargeError:
+            if started:
+                raise
+            await self._too_large(send)
+
+    async def _too_large(self, send):
+        await send_problem(send, 413, "Content too large", f"the request body is larger than the limit of "
+                           f"{self.max_bytes} bytes", "content-too-large", [(b"connection", b"close")])

@@ -1,0 +1,368 @@
+"""ONNX Runtime sessions (one per graph) behind a dynamic micro-batcher.
+
+Each graph of each model gets a :class:`GraphRunner`. With batching on, concurrent requests to the
+same graph wait in a bounded queue; worker tasks take what is queued (up to `max_batch_size` rows,
+waiting at most `max_queue_delay_ms` for more), concatenate it along the batch axis, run ONNX
+Runtime once in a thread pool (never on the event loop) and hand each request its rows. When a
+merged call fails, its requests are rerun one by one so that one bad request fails alone. A full
+queue raises :class:`QueueFullError` (answered 429 with Retry-After).
+
+Identical results, batched or not: every call's batch is zero-padded to a multiple of
+`batch_pad_multiple` rows. Some ONNX Runtime kernels (ReduceSum over a short axis, as in the planar
+flows) vectorize differently depending on the batch length, which changes a row's result in the last
+bit; with the padding each row's result depends only on the row itself (checked by the tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.metrics import Metrics
+from service.repository import ModelCard, ModelRepositoryError, discover_models
+from service.settings import PREFERRED_DEFAULTS, Settings
+
+log = logging.getLogger("service.runtime")
+
+# role -> (inputs, required outputs) per models/README.md
+CONTRACT = {
+    "encoder": (["x"], ["mean", "log_var"]),
+    "decoder": (["z"], ["x_mean"]),
+    "bound": (["x", "eps"], ["log_w"]),
+    "loglik": (["x"], ["log_px"]),
+}
+FLOW_OUTPUTS = ["flow_u", "flow_w", "flow_b"]
+
+
+class QueueFullError(Exception):
+    def __init__(self, model: str, graph: str, size: int):
+        super().__init__(f"the queue of {model}/{graph} is full ({size} requests waiting)")
+        self.model, self.graph, self.size = model, graph, size
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = settings.intra_op_threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting on a shared CPU
+    so.log_severity_level = 3
+    return so
+
+
+@dataclass
+class _Item:
+    inputs: dict[str, np.ndarray]
+    n: int
+    cost: int
+    key: tuple
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class GraphRunner:
+    """One ONNX Runtime session and, with batching on, its queue and worker tasks."""
+
+    def __init__(self, model: str, role: str, session: ort.InferenceSession, *, settings: Settings,
+                 executor: ThreadPoolExecutor, metrics: Metrics, max_cost: int):
+        self.model, self.role, self.session = model, role, session
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.settings, self.executor, self.metrics = settings, executor, metrics
+        self.max_cost = max_cost
+        self.pad = settings.batch_pad_multiple
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._carry: deque[_Item] = deque()
+        self._workers: list[asyncio.Task] = []
+        self._inflight = 0
+        self._labels = {"model": model, "graph": role}
+        self._m_rows = metrics.batch_rows.labels(**self._labels)
+        self._m_reqs = metrics.batch_requests.labels(**self._labels)
+        self._m_queue = metrics.queue_time.labels(**self._labels)
+        self._m_infer = metrics.inference_time.labels(**self._labels)
+        self._m_depth = metrics.queue_depth.labels(**self._labels)
+
+    # -- synchronous core (runs in the thread pool) ------------------------------------------------
+
+    def run_sync(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the session on `feeds` (batch axis 0), zero-padded to a multiple of `pad` rows."""
+        n = next(iter(feeds.values())).shape[0]
+        padded = -(-n // self.pad) * self.pad
+        if padded != n:
+            feeds = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
+        t0 = time.perf_counter()
+        out = self.session.run(self.output_names, feeds)
+        self._m_infer.observe(time.perf_counter() - t0)
+        self._m_rows.observe(padded)
+        return [o[:n] for o in out] if padded != n else out
+
+    # -- async API ---------------------------------------------------------------------------------
+
+    async def run(self, inputs: dict[str, np.ndarray], cost: int | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name for `inputs` (float32, batch axis 0); merged with concurrent calls when batching."""
+        n = next(iter(inputs.values())).shape[0]
+        loop = asyncio.get_running_loop()
+        if self._queue is None:  # batching off: one call per request, still bounded
+            if self._inflight >= self.settings.max_queue_size:
+                self.metrics.rejected.labels(**self._labels).inc()
+                raise QueueFullError(self.model, self.role, self._inflight)
+            self._inflight += 1
+            try:
+                self._m_reqs.observe(1)
+                out = await loop.run_in_executor(self.executor, self.run_sync, inputs)
+            finally:
+                self._inflight -= 1
+            return dict(zip(self.output_names, out, strict=True))
+        if self._queue.qsize() + len(self._carry) >= self.settings.max_queue_size:
+            self.metrics.rejected.labels(**self._labels).inc()
+            raise QueueFullError(self.model, self.role, self._queue.qsize())
+        key = tuple((k, v.shape[1:]) for k, v in inputs.items())
+        item = _Item(inputs, n, cost or n, key, loop.create_future())
+        self._queue.put_nowait(item)
+        self._m_depth.inc()
+        out = await item.future
+        return dict(zip(self.output_names, out, strict=True))
+
+    def start(self, workers: int) -> None:
+        self._queue = asyncio.Queue()
+        self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{self.model}-{self.role}-{i}")
+                         for i in range(workers)]
+
+    async def stop(self) -> None:
+        for t in self._workers:
+            t.cancel()
+        for t in self._workers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # shutting down
+                await t
+        self._workers = []
+
+    async def _next(self, timeout: float | None) -> _Item | None:
+        if self._carry:
+            return self._carry.popleft()
+        assert self._queue is not None
+        try:
+            if timeout is None:
+                return await self._queue.get()
+            if timeout <= 0:
+                return self._queue.get_nowait()
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except (asyncio.QueueEmpty, TimeoutError):
+            return None
+
+    async def _collect(self) -> list[_Item]:
+        first = await self._next(None)
+        batch, cost = [first], first.cost
+        deadline = time.perf_counter() + self.settings.max_queue_delay_ms / 1000.0
+        skipped: list[_Item] = []
+        while cost < self.max_cost:
+            item = await self._next(0)  # whatever is queued already
+            if item is None:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                item = await self._next(remaining)
+                if item is None:
+                    break
+            if item.key != first.key:
+                skipped.append(item)  # another shape (e.g. another S): a later batch
+                continue
+            if cost + item.cost > self.max_cost:
+                skipped.append(item)
+                break
+            batch.append(item)
+            cost += item.cost
+        self._carry.extendleft(reversed(skipped))
+        return batch
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            now = time.perf_counter()
+            self._m_depth.dec(len(batch))
+            batch = [it for it in batch if not it.future.done()]  # the client went away
+            if not batch:
+                continue
+            for it in batch:
+                self._m_queue.observe(now - it.enqueued)
+            self._m_reqs.observe(len(batch))
+            try:
+                if len(batch) == 1:
+                    outs = [await loop.run_in_executor(self.executor, self.run_sync, batch[0].inputs)]
+                else:
+                    feeds = {k: np.concatenate([it.inputs[k] for it in batch]) for k in batch[0].inputs}
+                    merged = await loop.run_in_executor(self.executor, self.run_sync, feeds)
+                    outs, start = [], 0
+                    for it in batch:
+                        outs.append([o[start:start + it.n] for o in merged])
+                        start += it.n
+                for it, out in zip(batch, outs, strict=True):
+                    if not it.future.done():
+                        it.future.set_result(out)
+            except asyncio.CancelledError:
+                for it in batch:
+                    if not it.future.done():
+                        it.future.cancel()
+                raise
+            except Exception as exc:
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(exc)
+                    continue
+                # Per-request isolation: rerun each request alone; only the failing ones fail.
+                for it in batch:
+                    try:
+                        out = await loop.run_in_executor(self.executor, self.run_sync, it.inputs)
+                    except Exception as e:  # noqa: BLE001 - handed to that request
+                        if not it.future.done():
+                            it.future.set_exception(e)
+                    else:
+                        if not it.future.done():
+                            it.future.set_result(out)
+
+
+@dataclass
+class LoadedModel:
+    card: ModelCard
+    runners: dict[str, GraphRunner]
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    def summary(self) -> dict:
+        c = self.card
+        return {
+            "name": c.name, "kind": c.kind, "image_shape": list(c.image_shape), "data_dim": c.data_dim,
+            "latent_dim": c.latent_dim, "likelihood": c.likelihood, "flows": c.flows, "flow_type": c.flow_type,
+            "noise_variance": c.noise_variance, "metrics": c.metrics, "graphs": c.graphs,
+        }
+
+
+class Runtime:
+    """Every loaded model, the shared thread pool and the batchers; filled by :meth:`load`."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.models: dict[str, LoadedModel] = {}
+        self.broken: dict[str, str] = {}
+        self.default_model: str | None = None
+        self.ready = False
+        self.load_error: str | None = None
+        self.executor = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="ort")
+
+    # -- loading (blocking: called in a thread) ----------------------------------------------------
+
+    def load(self) -> None:
+        s = self.settings
+        try:
+            cards, broken = discover_models(s.models_dir)
+        except ModelRepositoryError as e:
+            self.load_error = str(e)
+            log.error("no models loaded: %s", e)
+            cards, broken = {}, {}
+        self.broken = dict(broken)
+        so = session_options(s)
+        for name, card in cards.items():
+            try:
+                self.models[name] = self._load_model(card, so)
+            except (ModelRepositoryError, ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError, ValueError,
+                    OSError) as e:
+                self.broken[name] = f"{card.path}: {e}"
+                log.warning("skipping model folder %s: %s", card.path, e)
+        self.default_model = self._choose_default()
+        self.metrics.models_broken.set(len(self.broken))
+
+    def _load_model(self, card: ModelCard, so: ort.SessionOptions) -> LoadedModel:
+        runners = {}
+        for role, fname in card.graphs.items():
+            if role not in CONTRACT:
+                continue
+            path: Path = card.path / fname
+            session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+            _check_io(card, role, session)
+            max_cost = self.settings.bound_chunk_rows if role == "bound" else self.settings.max_batch_size
+            runners[role] = GraphRunner(card.name, role, session, settings=self.settings, executor=self.executor,
+                                        metrics=self.metrics, max_cost=max_cost)
+        return LoadedModel(card, runners)
+
+    def _choose_default(self) -> str | None:
+        wanted = self.settings.default_model
+        if wanted:
+            if wanted in self.models:
+                return wanted
+            log.error("default model %r is not loaded (loaded: %s); choosing another", wanted, sorted(self.models))
+        for name in PREFERRED_DEFAULTS:
+            if name in self.models:
+                return name
+        return next(iter(sorted(self.models)), None)
+
+    def warm_up(self) -> None:
+        """Run every graph once at batch 1 and once at the largest merged batch."""
+        rng = np.random.default_rng(0)
+        for model in self.models.values():
+            c = model.card
+            for role, runner in model.runners.items():
+                for n in sorted({1, self.settings.max_batch_size if role != "bound" else 1}):
+                    feeds = {}
+                    for name in runner.input_names:
+                        if name == "x":
+                            feeds[name] = rng.random((n, c.data_dim), dtype=np.float32)
+                        elif name == "z":
+                            feeds[name] = rng.standard_normal((n, c.latent_dim), dtype=np.float32)
+                        elif name == "eps":
+                            feeds[name] = rng.standard_normal((n, 4, c.latent_dim), dtype=np.float32)
+                    runner.session.run(runner.output_names, feeds)
+
+    # -- async lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.load)
+        await loop.run_in_executor(self.executor, self.warm_up)
+        if self.settings.batching:
+            for model in self.models.values():
+                for runner in model.runners.values():
+                    runner.start(self.settings.inference_workers)
+        self.metrics.models_loaded.set(len(self.models))
+        self.ready = bool(self.models)
+        log.info("models ready: %s (default %s); broken: %s", sorted(self.models), self.default_model,
+                 sorted(self.broken))
+
+    async def stop(self) -> None:
+        for model in self.models.values():
+            for runner in model.runners.values():
+                await runner.stop()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None:
+    """The graph's inputs and outputs must be those of models/README.md, with the card's sizes."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    want_in, want_out = CONTRACT[role]
+    if sorted(inputs) != sorted(want_in):
+        raise ModelRepositoryError(f"{card.graphs[role]}: inputs {sorted(inputs)}, expected {want_in}")
+    missing = [o for o in want_out if o not in outputs]
+    if role == "encoder" and card.flows > 0:
+        missing += [o for o in FLOW_OUTPUTS if o not in outputs]
+    if missing:
+        raise ModelRepositoryError(f"{card.graphs[role]}: outputs lack {missing} (has {outputs})")
+    for name, info in inputs.items():
+        if info.type != "tensor(float)":
+            raise ModelRepositoryError(f"{card.graphs[role]}: input {name!r} is {info.type}, expected tensor(float)")
+        last = info.shape[-1] if info.shape else None
+        want = card.data_dim if name == "x" else card.latent_dim
+        if isinstance(last, int) and last != want:
+            raise ModelRepositoryError(f"{card.graphs[role]}: input {name!r} has last axis {last}, but the card "
+                                       f"says {want}")

@@ -1,0 +1,167 @@
+"""Request and response bodies (pydantic), with the examples shown in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+# A JSON image is validated with numpy (shape, finiteness, range) so that a wrong pixel gives one clear
+# message instead of 784; the schema still says what is expected.
+ImageArray = Annotated[
+    list[Any],
+    WithJsonSchema({
+        "description": "one image: H rows of W intensities, or a flat row-major array of D = H * W "
+                       "intensities; each in [0, 1] with ink = 1 (light ink on black, as MNIST)",
+        "oneOf": [
+            {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 1},
+            {"type": "array", "minItems": 1,
+             "items": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 1}},
+        ],
+    }),
+]
+
+_EXAMPLE_IMAGE_8x8 = [[0.0] * 8 for _ in range(8)]
+for _i in range(2, 6):
+    _EXAMPLE_IMAGE_8x8[_i][3] = _EXAMPLE_IMAGE_8x8[_i][4] = 1.0
+
+
+class ImagesJSON(BaseModel):
+    """JSON alternative to the multipart upload."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [_EXAMPLE_IMAGE_8x8]}]})
+    images: list[ImageArray] = Field(..., min_length=1, description="one or more images")
+
+
+class FlowParams(BaseModel):
+    u: list[list[float]] = Field(..., description="u_hat per flow [K][d] (already constrained)")
+    w: list[list[float]] = Field(..., description="w per flow [K][d]")
+    b: list[float] = Field(..., description="b per flow [K]")
+
+
+class ImageInfo(BaseModel):
+    source: str = Field(..., description="the file name of the part, or images[i]")
+    original_shape: list[int] = Field(..., description="[H, W] as received")
+    resized: bool = Field(..., description="true when the image was resized to the model's image_shape")
+
+
+class EncodeResult(ImageInfo):
+    mean: list[float] = Field(..., description="posterior mean of q(z | x) (for ppca: the exact posterior)")
+    log_var: list[float] = Field(..., description="log of the posterior variances (diagonal)")
+    z_k: list[float] | None = Field(None, description="flow models: z_K = f_K(...f_1(mean)), the mean pushed "
+                                    "through the K planar flows")
+    flow: FlowParams | None = Field(None, description="flow models, with flow_params=true: the flow parameters")
+
+
+class EncodeResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "vae-mnist", "kind": "vae", "latent_dim": 2, "inverted": False,
+        "results": [{"source": "digit.png", "original_shape": [28, 28], "resized": False,
+                     "mean": [0.12, -1.3], "log_var": [-3.1, -2.9], "z_k": None, "flow": None}]}]})
+    model: str
+    kind: str
+    latent_dim: int
+    inverted: bool = Field(..., description="whether x -> 1 - x was applied")
+    results: list[EncodeResult]
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"z": [[0.0, 0.5, -1.0, 0.2, 0.0]]}]})
+    z: list[list[float]] = Field(..., min_length=1, description="latent codes, each of the model's latent_dim "
+                                 "finite numbers")
+
+
+class ImagesResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "ppca-mnist", "image_shape": [2, 2], "images": [[[0.0, 0.5], [1.0, 0.25]]]}]})
+    model: str
+    image_shape: list[int]
+    images: list[list[list[float]]] = Field(..., description="E[x | z] per code as H x W arrays, clipped to "
+                                            "[0, 1] (Bernoulli probabilities or Gaussian means)")
+
+
+class SampleResponse(ImagesResponse):
+    seed: int = Field(..., description="the seed used (pass it back to reproduce the samples)")
+    temperature: float
+    z: list[list[float]] = Field(..., description="the prior draws z = temperature * N(0, I)")
+
+
+class LogLikelihoodResult(ImageInfo):
+    log_likelihood: float = Field(..., description="log p(x) in nats: exact for ppca, else the "
+                                  "importance-weighted bound")
+    log_likelihood_exact: bool
+    elbo: float = Field(..., description="ELBO in nats (mean of the S log-weights; equals log p(x) for ppca, "
+                        "whose posterior is exact)")
+    iw_bound: float = Field(..., description="importance-weighted bound: logsumexp of the S log-weights minus "
+                            "log S (log p(x) for ppca)")
+    bits_per_dim: float | None = Field(None, description="see bits_per_dim_note; null when it would mean nothing")
+
+
+class LogLikelihoodResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "vae-mnist", "kind": "vae", "likelihood": "bernoulli", "samples": 100, "seed": 0,
+        "binarized": True, "binarization": "x >= 0.5 -> 1, else 0 (after resizing and invert)",
+        "bits_per_dim_note": "binary data, a probability mass: -log p(x) / (D ln 2)",
+        "results": [{"source": "images[0]", "original_shape": [28, 28], "resized": False,
+                     "log_likelihood": -92.1, "log_likelihood_exact": False, "elbo": -96.3,
+                     "iw_bound": -92.1, "bits_per_dim": 0.1695}]}]})
+    model: str
+    kind: str
+    likelihood: str
+    samples: int | None = Field(None, description="S importance samples (null for ppca: exact)")
+    seed: int | None = Field(None, description="seed of eps ~ N(0, I) (numpy default_rng(seed)"
+                             ".standard_normal((N, S, d), dtype=float32)); null for ppca")
+    binarized: bool
+    binarization: str | None
+    bits_per_dim_note: str | None
+    results: list[LogLikelihoodResult]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: str
+    image_shape: list[int]
+    data_dim: int
+    latent_dim: int
+    likelihood: str
+    flows: int
+    flow_type: str | None
+    noise_variance: float | None
+    metrics: dict[str, Any]
+    graphs: dict[str, str]
+    default: bool
+
+
+class ModelDetail(ModelInfo):
+    card: dict[str, Any] = Field(..., description="the full card.json")
+
+
+class ModelsResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "default_model": "ppca-mnist", "models": [], "unavailable": {"broken-model": "card.json: missing"}}]})
+    default_model: str | None
+    models: list[ModelInfo]
+    unavailable: dict[str, str] = Field(..., description="model folders skipped, with the reason")
+
+
+class Health(BaseModel):
+    status: str = Field(..., examples=["ok"])
+
+
+class Ready(BaseModel):
+    status: str = Field(..., examples=["ready"])
+    models: list[str]
+    default_model: str | None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "type": "/problems/unknown-model", "title": "Unknown model", "status": 404,
+        "detail": "model 'foo' is not loaded; loaded models: ppca-mnist, vae-mnist"}]})
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None

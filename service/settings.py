@@ -1,0 +1,60 @@
+"""Service settings: environment variables with the prefix `LATENTSERVE_` (pydantic-settings).
+
+Read when `create_app()` or `python -m service` runs, never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Tried in this order when no default model is configured; otherwise the first loaded (by name).
+PREFERRED_DEFAULTS = ("flow-vae-mnist", "vae-mnist", "ppca-mnist")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LATENTSERVE_", env_file=None, extra="ignore")
+
+    # Models
+    models_dir: Path = Field(Path("models"), description="the model repository (one folder per model)")
+    default_model: str | None = Field(None, description=f"model used when a request names none "
+                                      f"(default: the first of {', '.join(PREFERRED_DEFAULTS)} present)")
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    access_log: bool = Field(False, description="uvicorn's own access log (the service logs one JSON line per request)")
+    timeout_graceful_shutdown: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
+    api_key: SecretStr | None = Field(None, description="when set, every endpoint but /health and /ready needs it "
+                                      "(header X-API-Key or Authorization: Bearer)")
+    cors_origins: list[str] = Field(default_factory=list, description='allowed CORS origins, e.g. ["*"]')
+
+    # ONNX Runtime
+    intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads per session")
+    inference_workers: int = Field(2, ge=1, le=64, description="threads running ONNX Runtime calls")
+
+    # Micro-batching (as Triton's dynamic batcher)
+    batching: bool = True
+    max_batch_size: int = Field(64, ge=1, le=4096, description="rows per merged ONNX Runtime call")
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits for more requests")
+    max_queue_size: int = Field(256, ge=1, description="queued requests per graph before answering 429")
+    bound_chunk_rows: int = Field(8192, ge=1, description="rows (images x samples) per call of the bound graph")
+    batch_pad_multiple: int = Field(8, ge=1, le=64, description="pad every call's batch to a multiple of this, so "
+                                    "that a row's result never depends on what it was batched with")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429")
+
+    # Limits on requests
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_images: int = Field(64, ge=1, description="images (or latent codes) per request")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="declared width x height above which an image "
+                                  "is refused before decoding (decompression bombs)")
+    max_samples: int = Field(256, ge=1, description="GET /sample: largest n")
+    max_importance_samples: int = Field(5000, ge=1, description="POST /log-likelihood: largest samples (S)")
+    default_importance_samples: int = Field(100, ge=1)
+    max_latent_abs: float = Field(1e3, gt=0, description="largest |z| accepted by /decode")
+    max_temperature: float = Field(10.0, gt=0)
+    max_png_scale: int = Field(16, ge=1)
