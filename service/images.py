@@ -77,7 +77,8 @@ def decode_image(data: bytes, source: str, *, max_pixels: int) -> np.ndarray:
     except ProblemError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ProblemError(413, "Image too large", f"{source}: {e}", slug="image-too-large") from e
+        raise ProblemError(413, "Image too large", f"{source}: {e} (refused before decoding; the limit "
+                           f"is {max_pixels} pixels)", slug="image-too-large") from e
     except UnidentifiedImageError as e:
         raise ProblemError(415, "Unsupported media type",
                            f"{source}: not a {FORMATS_TEXT} image that Pillow can identify",

@@ -7,10 +7,12 @@ Runtime once in a thread pool (never on the event loop) and hand each request it
 merged call fails, its requests are rerun one by one so that one bad request fails alone. A full
 queue raises :class:`QueueFullError` (answered 429 with Retry-After).
 
-Identical results, batched or not: every call's batch is zero-padded to a multiple of
-`batch_pad_multiple` rows. Some ONNX Runtime kernels (ReduceSum over a short axis, as in the planar
-flows) vectorize differently depending on the batch length, which changes a row's result in the last
-bit; with the padding each row's result depends only on the row itself (checked by the tests).
+Identical results, batched or not: some ONNX Runtime kernels (ReduceSum, as in the planar flows and
+PPCA's log-likelihood) vectorize differently depending on the batch length or a row's position, which
+changes a row's result in the last bits. So every ONNX Runtime call has the same number of rows
+(`batch_pad_multiple`, zero-padded; a merged batch is several such calls within one worker turn), and at
+warm-up each graph is probed: if a row's result still depends on its neighbours, that graph runs one
+row per call. Either way a row's result depends only on the row itself (checked by the tests).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class GraphRunner:
         self.settings, self.executor, self.metrics = settings, executor, metrics
         self.max_cost = max_cost
         self.pad = settings.batch_pad_multiple
+        self.rows_per_call = self.pad
         self._queue: asyncio.Queue[_Item] | None = None
         self._carry: deque[_Item] = deque()
         self._workers: list[asyncio.Task] = []
@@ -95,16 +98,47 @@ class GraphRunner:
     # -- synchronous core (runs in the thread pool) ------------------------------------------------
 
     def run_sync(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the session on `feeds` (batch axis 0), zero-padded to a multiple of `pad` rows."""
+        """Run the session on `feeds` (batch axis 0) in calls of exactly `rows_per_call` rows (zero-padded)."""
+        t0 = time.perf_counter()
         n = next(iter(feeds.values())).shape[0]
-        padded = -(-n // self.pad) * self.pad
+        out, calls = self._call(feeds, self.rows_per_call)
+        self._m_infer.observe(time.perf_counter() - t0)
+        self._m_rows.observe(n)
+        return out
+
+    def _call(self, feeds: dict[str, np.ndarray], P: int) -> tuple[list[np.ndarray], int]:
+        n = next(iter(feeds.values())).shape[0]
+        padded = -(-n // P) * P
         if padded != n:
             feeds = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
-        t0 = time.perf_counter()
-        out = self.session.run(self.output_names, feeds)
-        self._m_infer.observe(time.perf_counter() - t0)
-        self._m_rows.observe(padded)
-        return [o[:n] for o in out] if padded != n else out
+        if padded == P:
+            outs = self.session.run(self.output_names, feeds)
+        else:
+            parts = [self.session.run(self.output_names, {k: v[i:i + P] for k, v in feeds.items()})
+                     for i in range(0, padded, P)]
+            outs = [np.concatenate(o) for o in zip(*parts, strict=True)]
+        return ([o[:n] for o in outs] if padded != n else outs), padded // P
+
+    def probe_rows_per_call(self, example: dict[str, np.ndarray]) -> int:
+        """The largest call size (of `pad`, 1) at which a row's result does not depend on its neighbours.
+
+        Runs `example` (hundreds of rows) row by row and in calls of `pad` rows at every offset;
+        keeps `pad` when every row comes out bit-identical, else falls back to one row per call.
+        """
+        P = self.pad
+        if P > 1:
+            single = [np.concatenate(o) for o in zip(*(self._call({k: v[i:i + 1] for k, v in example.items()}, P)[0]
+                                                       for i in range(len(example["x" if "x" in example else "z"]))),
+                                                     strict=True)]
+            for offset in range(P):
+                got, _ = self._call({k: v[offset:] for k, v in example.items()}, P)
+                if not all(np.array_equal(a, b[offset:]) for a, b in zip(got, single, strict=True)):
+                    log.info("%s/%s: results depend on the batch at %d rows per call; running one row per call",
+                             self.model, self.role, P)
+                    P = 1
+                    break
+        self.rows_per_call = P
+        return P
 
     # -- async API ---------------------------------------------------------------------------------
 
@@ -308,12 +342,12 @@ class Runtime:
         return next(iter(sorted(self.models)), None)
 
     def warm_up(self) -> None:
-        """Run every graph once at batch 1 and once at the largest merged batch."""
+        """Run every graph at batch 1 and at the largest merged batch, and probe its rows per call."""
         rng = np.random.default_rng(0)
         for model in self.models.values():
             c = model.card
-            for role, runner in model.runners.items():
-                for n in sorted({1, self.settings.max_batch_size if role != "bound" else 1}):
+            for runner in model.runners.values():
+                for n in (32 * self.settings.batch_pad_multiple + 3, 1, self.settings.max_batch_size):
                     feeds = {}
                     for name in runner.input_names:
                         if name == "x":
@@ -321,8 +355,11 @@ class Runtime:
                         elif name == "z":
                             feeds[name] = rng.standard_normal((n, c.latent_dim), dtype=np.float32)
                         elif name == "eps":
-                            feeds[name] = rng.standard_normal((n, 4, c.latent_dim), dtype=np.float32)
-                    runner.session.run(runner.output_names, feeds)
+                            feeds[name] = rng.standard_normal((n, 3, c.latent_dim), dtype=np.float32)
+                    if n == 32 * self.settings.batch_pad_multiple + 3:
+                        runner.probe_rows_per_call(feeds)
+                    else:
+                        runner._call(feeds, runner.rows_per_call)
 
     # -- async lifecycle ---------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # Limits on requests
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_images: int = Field(64, ge=1, description="images (or latent codes) per request")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="declared width x height above which an image "
+    max_image_pixels: int = Field(2048 * 2048, ge=1, description="declared width x height above which an image "
                                   "is refused before decoding (decompression bombs)")
     max_samples: int = Field(256, ge=1, description="GET /sample: largest n")
     max_importance_samples: int = Field(5000, ge=1, description="POST /log-likelihood: largest samples (S)")
