@@ -121,7 +121,7 @@ _IMAGE_BODY = {
         "content": {
             "multipart/form-data": {
                 "schema": {"type": "object", "required": ["images"], "properties": {"images": {
-                    "type": "array", "items": {"type": "string", "format": "binary"},
+                    "type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                     "description": "image files (PNG, JPEG, BMP, GIF, TIFF, WebP); one part per image"}}},
             },
             "application/json": {"schema": {"$ref": "#/components/schemas/ImagesJSON"}},

@@ -1,0 +1,89 @@
+"""API key, CORS, broken model folders, readiness, and a property-based fuzz run against the OpenAPI schema."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+from svc_helpers import settings_for, wait_ready
+
+from service.app import create_app
+
+
+def test_api_key_and_cors(model_repo):
+    app = create_app(settings_for(model_repo, api_key="s3cret", cors_origins=["https://example.org"]))
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        wait_ready(c)
+        for path in ("/models", "/metrics", "/openapi.json", "/sample?model=ppca-digits"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json", path
+        assert c.get("/models", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.get("/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        pre = c.options("/encode", headers={"Origin": "https://example.org", "Access-Control-Request-Method": "POST"})
+        assert pre.headers["access-control-allow-origin"] == "https://example.org"
+        r = c.get("/health", headers={"Origin": "https://example.org"})
+        assert r.headers["access-control-allow-origin"] == "https://example.org"
+        assert "apiKey" in c.get("/openapi.json", headers={"X-API-Key": "s3cret"}).json()["components"][
+            "securitySchemes"]
+
+
+def test_broken_model_folder_is_skipped(model_repo, tmp_path):
+    repo = tmp_path / "models"
+    shutil.copytree(model_repo / "ppca-digits", repo / "ppca-digits")
+    shutil.copytree(model_repo / "ppca-digits", repo / "ppca-broken")
+    (repo / "ppca-broken" / "encoder.onnx").write_bytes(b"corrupt")
+    (repo / "no-card").mkdir()
+    (repo / "no-card" / "decoder.onnx").write_bytes(b"x")
+    app = create_app(settings_for(repo, default_model="ppca-broken"))
+    with TestClient(app) as c:
+        wait_ready(c)
+        listing = c.get("/models").json()
+        assert [m["name"] for m in listing["models"]] == ["ppca-digits"]
+        assert "sha256" in listing["unavailable"]["ppca-broken"] and "no-card" in listing["unavailable"]
+        assert listing["default_model"] == "ppca-digits"
+        r = c.post("/encode?model=ppca-broken", json={"images": [[0.0] * 64]})
+        assert r.status_code == 404 and "failed validation" in r.json()["detail"]
+
+
+def test_not_ready_without_models(tmp_path):
+    app = create_app(settings_for(tmp_path / "missing"))
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert c.post("/encode", json={"images": [[0.0] * 64]}).status_code == 503
+
+
+def test_fuzz_openapi_schema(model_repo):
+    """schemathesis: generated requests for every operation give no 500 and conform to the schema."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    # schemathesis calls the app from its own event loop: no batcher queues (bound to the first loop)
+    app = create_app(settings_for(model_repo, default_model="ppca-digits", max_samples=16, batching=False))
+    with TestClient(app) as c:
+        wait_ready(c)
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+        failures = []
+        for op in schema.get_all_operations():
+            operation = op.ok()
+
+            @settings(max_examples=15, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy())
+            def run(case):
+                response = case.call()
+                assert response.status_code < 500, (case.path, response.text)
+                # positive_data_acceptance is left out: a schema-valid body may still hold bytes that are no
+                # image or pixels out of range, which JSON Schema cannot say; those are answered 4xx on purpose
+                case.validate_response(response, excluded_checks=[positive_data_acceptance])
+
+            try:
+                run()
+            except Exception as e:  # noqa: BLE001 - collect all operations' failures
+                failures.append(f"{operation.method.upper()} {operation.path}: {str(e)[:600]}")
+        assert not failures, "\n".join(failures)
