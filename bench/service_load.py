@@ -1,0 +1,213 @@
+"""Load test of POST /encode (one 28x28 PNG) on 127.0.0.1: requests/s and p50/p99 latency.
+
+    .venv/bin/python -m bench.service_load --models-dir models --model vae-mnist --requests 600
+
+Side by side, each in its own uvicorn process with the same server settings: the service with and without
+micro-batching, (a) a trivial FastAPI endpoint that reads the upload and returns a constant, and (b) a
+naive FastAPI endpoint that decodes the PNG and runs the torch model eagerly per request (this file may
+import torch; the service never does). Concurrency 1, 8 and 64 clients (asyncio + httpx). Also the
+resident memory of the service process with its models. Appends a section to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trivial_app():
+    from fastapi import FastAPI, File, UploadFile
+
+    app = FastAPI()
+
+    @app.post("/encode")
+    async def encode(images: list[UploadFile] = File(...)):  # noqa: B008
+        for f in images:
+            await f.read()
+        return {"model": "trivial", "results": [{"mean": [0.0]}]}
+
+    return app
+
+
+def torch_app(models_dir: str, model: str):
+    import torch
+    from fastapi import FastAPI, File, UploadFile
+    from PIL import Image
+
+    from training.cli import driver_for
+    from training.common import load_checkpoint
+
+    torch.set_num_threads(1)
+    ckpt = load_checkpoint(Path(models_dir) / model)
+    net = driver_for(ckpt["kind"]).build_model(ckpt)
+    app = FastAPI()
+
+    @app.post("/encode")
+    def encode(images: list[UploadFile] = File(...)):  # noqa: B008 - sync: FastAPI's thread pool
+        xs = [np.asarray(Image.open(io.BytesIO(f.file.read())).convert("L"), np.float32).reshape(-1) / 255
+              for f in images]
+        with torch.no_grad():
+            out = net.encode(torch.as_tensor(np.stack(xs)))
+        mean = out[0] if isinstance(out, tuple) else out
+        return {"model": model, "results": [{"mean": m.tolist()} for m in mean]}
+
+    return app
+
+
+def serve(kind: str, port: int, models_dir: str, model: str) -> None:
+    import uvicorn
+
+    if kind == "trivial":
+        app = trivial_app()
+    elif kind == "torch":
+        app = torch_app(models_dir, model)
+    else:
+        raise SystemExit(f"unknown app {kind}")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _start(kind: str, args, batching: bool = True) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    env = dict(os.environ, LATENTSERVE_MODELS_DIR=str(args.models_dir), LATENTSERVE_LOG_LEVEL="warning",
+               LATENTSERVE_BATCHING=str(batching).lower(), LATENTSERVE_DEFAULT_MODEL=args.model)
+    if kind == "service":
+        cmd = [sys.executable, "-m", "service", "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "bench.service_load", "--serve", kind, "--port", str(port),
+               "--models-dir", str(args.models_dir), "--model", args.model]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import httpx
+
+    deadline = time.monotonic() + 120
+    ready_path = "/ready" if kind == "service" else "/docs"
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{kind} did not start")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _load(port: int, png: bytes, clients: int, n_requests: int, seconds: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30) as c:
+        for _ in range(min(clients, 8)):  # warm the connections
+            await c.post("/encode", files=[("images", ("d.png", png, "image/png"))])
+        stop = time.perf_counter() + seconds
+
+        async def worker():
+            nonlocal sent, errors
+            while sent < n_requests and time.perf_counter() < stop:
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post("/encode", files=[("images", ("d.png", png, "image/png"))])
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies or [float("nan")]) * 1000
+    return {"rps": len(lat) / wall, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+            "n": len(lat), "errors": errors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    p.add_argument("--model", default="vae-mnist")
+    p.add_argument("--requests", type=int, default=600, help="requests per (server, concurrency)")
+    p.add_argument("--seconds", type=float, default=20.0, help="time limit per (server, concurrency)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.port, str(args.models_dir), args.model)
+        return 0
+    import json
+
+    from PIL import Image
+
+    card = json.loads((args.models_dir / args.model / "card.json").read_text())
+    H, W = card["image_shape"]
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((H, W)) * 255).astype(np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    servers = [("service, batching", "service", True), ("service, no batching", "service", False),
+               ("trivial FastAPI endpoint", "trivial", True), ("naive torch endpoint", "torch", True)]
+    rows, rss = [], {}
+    for label, kind, batching in servers:
+        proc, port = _start(kind, args, batching)
+        try:
+            if kind == "service":
+                rss[label] = _rss_mb(proc.pid)
+            for clients in args.clients:
+                res = asyncio.run(_load(port, png, clients, args.requests, args.seconds))
+                rows.append((label, clients, res))
+                print(f"{label:26s} c={clients:3d} {res['rps']:8.1f} req/s  p50 {res['p50']:7.2f} ms  "
+                      f"p99 {res['p99']:7.2f} ms  n={res['n']} errors={res['errors']}", flush=True)
+            if kind == "service":
+                rss[label] = max(rss[label], _rss_mb(proc.pid))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    models = sorted(d.name for d in args.models_dir.iterdir() if (d / "card.json").is_file())
+    body = [f"Model `{args.model}` (models loaded: {', '.join(models)}); load generator on the same machine "
+            f"(asyncio + httpx), one uvicorn process per server, {args.requests} requests or {args.seconds:g} s "
+            "per cell.", "", "| server | clients | req/s | p50 ms | p99 ms | requests | errors |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, clients, r in rows:
+        body.append(f"| {label} | {clients} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['n']} | "
+                    f"{r['errors']} |")
+    body += ["", "Resident memory of the service process after its runs: "
+             + ", ".join(f"{k}: {v:.0f} MB" for k, v in rss.items()) + "."]
+    text = "\n".join(body)
+    print(text)
+    if not args.no_report:
+        from bench.report import record
+
+        record("Service load (POST /encode)", text,
+               command=".venv/bin/python -m bench.service_load " + " ".join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
