@@ -1,0 +1,69 @@
+"""Seconds per training epoch of the VAE and the planar-flow VAE with the peers' architecture.
+
+    .venv/bin/python bench/vae_speed.py [--epochs 10] [--threads N]
+
+Architecture as the peers': encoder 784-512-80 (+ the amortized flow parameters, K (2d + 1) = 810
+outputs, from the same 512 units for flow-vae), decoder 40-512-784, 10 planar flows, Adam, batch 100,
+4,000 binarized mnist5k training images (a fresh binarization each epoch, as `fit` does). An epoch is
+what `training.train_vae.train_epoch` does, plus the binarization; the figure is the median over
+`--epochs` epochs after one warm-up epoch. Prints and records a section in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import record, table  # noqa: E402
+from training.data import mnist5k_raw, mnist5k_split  # noqa: E402
+from training.train_vae import _optimizer, train_epoch  # noqa: E402
+from training.vae import VAE, VAEConfig  # noqa: E402
+
+
+def time_epochs(flows: int, epochs: int, seed: int = 0) -> list[float]:
+    torch.manual_seed(seed)
+    probs = torch.as_tensor(mnist5k_raw()[mnist5k_split()[0]], dtype=torch.float32)  # 4000 rows
+    cfg = VAEConfig(data_dim=784, latent_dim=40, encoder_hidden=(512,), decoder_hidden=(512,), flows=flows)
+    model = VAE(cfg).train()
+    opt = _optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(epochs + 1):
+        t = time.perf_counter()
+        xs = (torch.rand(probs.shape, generator=gen) < probs).float()
+        train_epoch(model, opt, xs, batch_size=100, gen=gen)
+        times.append(time.perf_counter() - t)
+    return times[1:]  # the first epoch warms up allocator and kernels
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--no-record", action="store_true", help="print only, do not write docs/benchmarks.md")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name, flows in (("vae", 0), ("flow-vae (10 amortized planar flows)", 10)):
+        times = time_epochs(flows, args.epochs)
+        rows.append([name, f"{statistics.median(times):.3f}", f"{min(times):.3f}", f"{max(times):.3f}"])
+        print(f"{name}: median {statistics.median(times):.3f} s/epoch (min {min(times):.3f}, max {max(times):.3f})")
+    body = (f"Seconds per epoch (4,000 images, batch 100, encoder 784-512-80, decoder 40-512-784, Adam "
+            f"(fused), float32, {torch.get_num_threads()} torch threads), median of {args.epochs} epochs after "
+            "one warm-up epoch. The peers' figures were 0.36-0.62 s/epoch.\n\n"
+            + table(["model", "median s/epoch", "min", "max"], rows))
+    if not args.no_record:
+        cmd = "python bench/vae_speed.py" + (f" --epochs {args.epochs}" if args.epochs != 10 else "")
+        record("VAE training speed", body, command=cmd)
+
+
+if __name__ == "__main__":
+    main()
