@@ -15,9 +15,12 @@ import argparse
 import asyncio
 import io
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,52 +35,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def trivial_app():
-    from fastapi import FastAPI, File, UploadFile
-
-    app = FastAPI()
-
-    @app.post("/encode")
-    async def encode(images: list[UploadFile] = File(...)):  # noqa: B008
-        for f in images:
-            await f.read()
-        return {"model": "trivial", "results": [{"mean": [0.0]}]}
-
-    return app
-
-
-def torch_app(models_dir: str, model: str):
-    import torch
-    from fastapi import FastAPI, File, UploadFile
-    from PIL import Image
-
-    from training.cli import driver_for
-    from training.common import load_checkpoint
-
-    torch.set_num_threads(1)
-    ckpt = load_checkpoint(Path(models_dir) / model)
-    net = driver_for(ckpt["kind"]).build_model(ckpt)
-    app = FastAPI()
-
-    @app.post("/encode")
-    def encode(images: list[UploadFile] = File(...)):  # noqa: B008 - sync: FastAPI's thread pool
-        xs = [np.asarray(Image.open(io.BytesIO(f.file.read())).convert("L"), np.float32).reshape(-1) / 255
-              for f in images]
-        with torch.no_grad():
-            out = net.encode(torch.as_tensor(np.stack(xs)))
-        mean = out[0] if isinstance(out, tuple) else out
-        return {"model": model, "results": [{"mean": m.tolist()} for m in mean]}
-
-    return app
-
-
-def serve(kind: str, port: int, models_dir: str, model: str) -> None:
+def serve(kind: str, port: int, checkpoint: str, model: str) -> None:
     import uvicorn
+
+    from bench.baseline_apps import torch_app, trivial_app
 
     if kind == "trivial":
         app = trivial_app()
     elif kind == "torch":
-        app = torch_app(models_dir, model)
+        app = torch_app(checkpoint, model)
     else:
         raise SystemExit(f"unknown app {kind}")
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -91,7 +57,7 @@ def _start(kind: str, args, batching: bool = True) -> tuple[subprocess.Popen, in
         cmd = [sys.executable, "-m", "service", "--port", str(port)]
     else:
         cmd = [sys.executable, "-m", "bench.service_load", "--serve", kind, "--port", str(port),
-               "--models-dir", str(args.models_dir), "--model", args.model]
+               "--checkpoint", str(args.checkpoint), "--model", args.model]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import httpx
 
@@ -148,23 +114,67 @@ async def _load(port: int, png: bytes, clients: int, n_requests: int, seconds: f
             "n": len(lat), "errors": errors}
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"
+local f = io.open("%(body)s", "rb")
+wrk.body = f:read("*all")
+f:close()
+"""
+
+
+def _wrk_units(value: str) -> float:
+    """wrk's latency ('812.00us', '1.23ms', '2.01s') in milliseconds."""
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * scale
+    raise ValueError(f"unexpected wrk latency {value!r}")
+
+
+def _load_wrk(port: int, png: bytes, clients: int, seconds: float, workdir: Path) -> dict:
+    """One wrk run (one load-generator thread, `clients` connections): req/s, p50/p99 ms, errors."""
+    boundary = "latentservebench"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"d.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    (workdir / "body.bin").write_bytes(body)
+    (workdir / "post.lua").write_text(WRK_SCRIPT % {"boundary": boundary, "body": workdir / "body.bin"})
+    url = f"http://127.0.0.1:{port}/encode"
+    subprocess.run(["wrk", "-t1", f"-c{clients}", "-d1s", "-s", str(workdir / "post.lua"), url],
+                   check=True, capture_output=True)  # warm-up
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s",
+                          str(workdir / "post.lua"), url], check=True, capture_output=True, text=True).stdout
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": _wrk_units(pct["50"]),
+            "p99": _wrk_units(pct["99"]), "n": int(re.search(r"(\d+) requests in", out).group(1)),
+            "errors": errors}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models-dir", type=Path, default=ROOT / "models")
     p.add_argument("--model", default="vae-mnist")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the torch checkpoint of --model for the naive torch endpoint (default: runs/MODEL, "
+                        "where build-defaults fits it)")
     p.add_argument("--requests", type=int, default=600, help="requests per (server, concurrency)")
     p.add_argument("--seconds", type=float, default=20.0, help="time limit per (server, concurrency)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--httpx", action="store_true", help="use the asyncio + httpx load generator even if wrk is here")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, str(args.models_dir), args.model)
+        serve(args.serve, args.port, str(args.checkpoint), args.model)
         return 0
     import json
 
     from PIL import Image
+
+    if args.checkpoint is None:
+        args.checkpoint = ROOT / "runs" / args.model
 
     card = json.loads((args.models_dir / args.model / "card.json").read_text())
     H, W = card["image_shape"]
@@ -174,13 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     servers = [("service, batching", "service", True), ("service, no batching", "service", False),
                ("trivial FastAPI endpoint", "trivial", True), ("naive torch endpoint", "torch", True)]
     rows, rss = [], {}
+    use_wrk = shutil.which("wrk") is not None and not args.httpx
+    workdir = Path(tempfile.mkdtemp(prefix="latentserve-load-"))
+    generator = ("wrk (1 thread, C)" if use_wrk else "asyncio + httpx (install wrk for a lighter load generator: "
+                 "apt-get install wrk)")
     for label, kind, batching in servers:
         proc, port = _start(kind, args, batching)
         try:
             if kind == "service":
                 rss[label] = _rss_mb(proc.pid)
             for clients in args.clients:
-                res = asyncio.run(_load(port, png, clients, args.requests, args.seconds))
+                if use_wrk:
+                    res = _load_wrk(port, png, clients, args.seconds, workdir)
+                else:
+                    res = asyncio.run(_load(port, png, clients, args.requests, args.seconds))
                 rows.append((label, clients, res))
                 print(f"{label:26s} c={clients:3d} {res['rps']:8.1f} req/s  p50 {res['p50']:7.2f} ms  "
                       f"p99 {res['p99']:7.2f} ms  n={res['n']} errors={res['errors']}", flush=True)
@@ -191,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(timeout=30)
     models = sorted(d.name for d in args.models_dir.iterdir() if (d / "card.json").is_file())
     body = [f"Model `{args.model}` (models loaded: {', '.join(models)}); load generator on the same machine "
-            f"(asyncio + httpx), one uvicorn process per server, {args.requests} requests or {args.seconds:g} s "
-            "per cell.", "", "| server | clients | req/s | p50 ms | p99 ms | requests | errors |",
+            f"({generator}), one uvicorn process per server, {args.seconds:g} s per cell"
+            + ("." if use_wrk else f" or {args.requests} requests."), "",
+            "| server | clients | req/s | p50 ms | p99 ms | requests | errors |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, clients, r in rows:
         body.append(f"| {label} | {clients} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['n']} | "

@@ -49,15 +49,16 @@ INLINE_DECODE_BYTES = 64 * 1024
 LOG2 = math.log(2.0)
 
 # ------------------------------------------------------------------------------------------------
-# Dependencies
+# Dependencies (async although they never await: FastAPI runs a plain `def` dependency in its thread
+# pool, one thread hop per dependency per request)
 # ------------------------------------------------------------------------------------------------
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
@@ -67,7 +68,7 @@ ModelName = Annotated[str | None, Query(max_length=200, description="model name 
                                         "default model, see GET /models)", examples=["ppca-mnist"])]
 
 
-def get_model(request: Request, runtime: RuntimeDep, model: ModelName = None) -> LoadedModel:
+async def get_model(request: Request, runtime: RuntimeDep, model: ModelName = None) -> LoadedModel:
     if not runtime.ready:
         detail = runtime.load_error or ("no models are loaded" if runtime.models == {} and _loaded(request)
                                         else "the models are still loading")
@@ -324,7 +325,7 @@ async def list_models(runtime: RuntimeDep) -> dict:
             summary="one model and its full card")
 async def get_model_info(request: Request, runtime: RuntimeDep,
                          name: Annotated[str, Path(max_length=200, description="model name")]) -> dict:
-    m = get_model(request, runtime, name)
+    m = await get_model(request, runtime, name)
     return dict(m.summary(), default=m.name == runtime.default_model, card=m.card.raw)
 
 

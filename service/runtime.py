@@ -88,6 +88,7 @@ class GraphRunner:
         self._carry: deque[_Item] = deque()
         self._workers: list[asyncio.Task] = []
         self._inflight = 0
+        self._last_batch = 1  # requests merged into the previous batch (see _collect)
         self._labels = {"model": model, "graph": role}
         self._m_rows = metrics.batch_rows.labels(**self._labels)
         self._m_reqs = metrics.batch_requests.labels(**self._labels)
@@ -197,12 +198,15 @@ class GraphRunner:
         first = await self._next(None)
         batch, cost = [first], first.cost
         deadline = time.perf_counter() + self.settings.max_queue_delay_ms / 1000.0
+        # Wait for more requests only under load (the previous batch merged several): a lone client
+        # would otherwise pay the whole queue delay on every request for nothing.
+        wait = self._last_batch > 1
         skipped: list[_Item] = []
         while cost < self.max_cost:
             item = await self._next(0)  # whatever is queued already
             if item is None:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or not wait:
                     break
                 item = await self._next(remaining)
                 if item is None:
@@ -216,6 +220,7 @@ class GraphRunner:
             batch.append(item)
             cost += item.cost
         self._carry.extendleft(reversed(skipped))
+        self._last_batch = len(batch)
         return batch
 
     async def _worker(self) -> None:
