@@ -8,8 +8,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "/problems/"
@@ -93,6 +94,13 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"{request.method} is not allowed on {request.url.path}"
         return problem_response(exc.status_code, title, detail, title.lower().replace(" ", "-"),
                                 headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):
+        # The client closed the connection before its body arrived: nobody reads the answer, and it is
+        # no server error. 499 (nginx's "client closed request") keeps it apart in the logs and metrics.
+        log.info("client went away during %s %s", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # pragma: no cover - a bug, logged with its trace
