@@ -1,6 +1,6 @@
 """Seconds per training epoch of the VAE and the planar-flow VAE with the peers' architecture.
 
-    .venv/bin/python bench/vae_speed.py [--epochs 10] [--threads N]
+    .venv/bin/python bench/vae_speed.py [--epochs 10] [--threads 1 2]
 
 Architecture as the peers': encoder 784-512-80 (+ the amortized flow parameters, K (2d + 1) = 810
 outputs, from the same 512 units for flow-vae), decoder 40-512-784, 10 planar flows, Adam, batch 100,
@@ -12,6 +12,7 @@ what `training.train_vae.train_epoch` does, plus the binarization; the figure is
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -46,22 +47,29 @@ def time_epochs(flows: int, epochs: int, seed: int = 0) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values to time")
     p.add_argument("--no-record", action="store_true", help="print only, do not write docs/benchmarks.md")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = []
-    for name, flows in (("vae", 0), ("flow-vae (10 amortized planar flows)", 10)):
-        times = time_epochs(flows, args.epochs)
-        rows.append([name, f"{statistics.median(times):.3f}", f"{min(times):.3f}", f"{max(times):.3f}"])
-        print(f"{name}: median {statistics.median(times):.3f} s/epoch (min {min(times):.3f}, max {max(times):.3f})")
-    body = (f"Seconds per epoch (4,000 images, batch 100, encoder 784-512-80, decoder 40-512-784, Adam "
-            f"(fused), float32, {torch.get_num_threads()} torch threads), median of {args.epochs} epochs after "
-            "one warm-up epoch. The peers' figures were 0.36-0.62 s/epoch.\n\n"
-            + table(["model", "median s/epoch", "min", "max"], rows))
+    load_before = os.getloadavg()[0]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name, flows in (("vae", 0), ("flow-vae (10 amortized planar flows)", 10)):
+            times = time_epochs(flows, args.epochs)
+            med = statistics.median(times)
+            rows.append([name, threads, f"{med:.3f}", f"{min(times):.3f}", f"{max(times):.3f}"])
+            print(f"{name}, {threads} thread(s): median {med:.3f} s/epoch (min {min(times):.3f}, "
+                  f"max {max(times):.3f})", flush=True)
+    body = ("Seconds per epoch (4,000 images, batch 100, encoder 784-512-80, decoder 40-512-784, Adam "
+            f"(fused), float32), median of {args.epochs} epochs after one warm-up epoch. The peers' figures "
+            "were 0.36-0.62 s/epoch. The machine is shared: 1-minute load average "
+            f"{load_before:.2f} before and {os.getloadavg()[0]:.2f} after the runs (with the cores busy, "
+            "two OpenMP threads wait on each other and epochs take many times longer; `fit` uses one "
+            "thread by default).\n\n"
+            + table(["model", "threads", "median s/epoch", "min", "max"], rows))
     if not args.no_record:
-        cmd = "python bench/vae_speed.py" + (f" --epochs {args.epochs}" if args.epochs != 10 else "")
+        cmd = "python bench/vae_speed.py" + (f" --epochs {args.epochs}" if args.epochs != 10 else "") + (
+            f" --threads {' '.join(map(str, args.threads))}" if args.threads != [1, 2] else "")
         record("VAE training speed", body, command=cmd)
 
 

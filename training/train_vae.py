@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="cosine: decay the learning rate to 0 over --epochs (per step)")
     g.add_argument("--weight-decay", type=float, default=0.1,
                    help="decoupled weight decay (AdamW; 0 gives Adam): the main remedy against overfitting 3,600 rows")
-    g.add_argument("--warmup-epochs", type=float, default=20.0,
+    g.add_argument("--warmup-epochs", type=float, default=100.0,
                    help="KL warm-up: the weight of log p(z) - log q(z|x) rises linearly from 0 to 1 over these epochs")
     g.add_argument("--patience", type=int, default=30,
                    help="stop after this many epochs without a better validation ELBO (0: never)")
@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-samples", type=int, default=1000,
                    help="S for the test importance-weighted log-likelihood in metrics.json")
     g.add_argument("--chunk", type=int, default=50_000, help="(row, sample) pairs per pass when evaluating")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default). 1 by default: at batch 100 a second thread "
+                        "gains little, and on a busy machine OpenMP threads waiting on each other slow "
+                        "training down tens of times (see docs/benchmarks.md)")
     g.add_argument("--time-limit", type=float, default=None,
                    help="stop training after this many seconds (the best epoch so far is kept)")
 
@@ -96,6 +100,8 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
         raise ValueError("vae training selects its epoch on validation rows: use --valid-fraction > 0")
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    if device.type == "cpu" and getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     cfg = _config(args, data)
     model = VAE(cfg).to(device)
     dynamic = args.dynamic_binarization
@@ -165,7 +171,8 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
         "epochs": args.epochs, "epochs_run": epoch, "best_epoch": best["epoch"], "batch_size": B,
         "lr": args.lr, "lr_schedule": args.lr_schedule, "weight_decay": args.weight_decay,
         "warmup_epochs": args.warmup_epochs, "patience": args.patience, "dynamic_binarization": dynamic,
-        "optimizer": type(opt).__name__, "seed": args.seed, "device": str(device), "seconds": seconds,
+        "optimizer": type(opt).__name__, "seed": args.seed, "device": str(device),
+        "threads": torch.get_num_threads(), "seconds": seconds,
     }
     meta = {
         "dataset": str(args.dataset),
