@@ -243,7 +243,9 @@ class EncoderGraph(nn.Module):
         uh, w, b = params
         if not self.vae.amortized:
             n = x.shape[0]
-            uh, w, b = uh.expand(n, -1, -1), w.expand(n, -1, -1), b.expand(n, -1)
+            # views of the nn.Parameters w, b would keep requires_grad even under no_grad; these graphs
+            # are for inference, so hand out detached views
+            uh, w, b = uh.expand(n, -1, -1), w.detach().expand(n, -1, -1), b.detach().expand(n, -1)
         return mean, log_var, uh, w, b
 
 

@@ -189,6 +189,7 @@ def test_export_modules_follow_the_contract(K, flow_type, likelihood):
     with torch.no_grad():
         outs = enc(x)
         assert [tuple(o.shape) for o in outs] == [(5, 3), (5, 3)] + ([(5, K, 3), (5, K, 3), (5, K)] if K else [])
+        assert not any(o.requires_grad for o in outs)  # the exporter's parity check calls .numpy() on them
         mean, log_var = outs[:2]
         z0 = mean[:, None] + torch.exp(0.5 * log_var)[:, None] * eps
         if K:
