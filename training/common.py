@@ -50,6 +50,18 @@ def bits_per_dim(log_px: float, data_dim: int, *, discrete_bins: int | None) -> 
     return -(log_px - data_dim * math.log(discrete_bins)) / (data_dim * LOG2)
 
 
+def run_meta(args, data, settings: dict, history: dict | list) -> dict:
+    """What a checkpoint records about its fit: the data (to reload the same split), settings, curves."""
+    return {
+        "dataset": str(args.dataset),
+        "dataset_summary": data.summary(),
+        "valid_fraction": args.valid_fraction,
+        "image_shape": list(data.image_shape),
+        "training": settings,
+        "history": history,
+    }
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -17,6 +17,7 @@ from training.common import (
     METRICS,
     bits_per_dim,
     resolve_device,
+    run_meta,
     save_checkpoint,
     seed_everything,
     write_json,
@@ -90,14 +91,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
     }
     if args.method == "sem":
         settings.update(batch_size=args.batch_size, kappa0=args.kappa0, t0=args.t0, power=args.power)
-    meta = {
-        "dataset": str(args.dataset),
-        "dataset_summary": data.summary(),
-        "valid_fraction": args.valid_fraction,
-        "image_shape": list(data.image_shape),
-        "training": settings,
-        "history": history,
-    }
+    meta = run_meta(args, data, settings, history)
     model = model.cpu()
     save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.state_dict(), meta=meta)
     metrics = {

@@ -26,6 +26,7 @@ from training.common import (
     METRICS,
     bits_per_dim,
     resolve_device,
+    run_meta,
     save_checkpoint,
     seed_everything,
     write_json,
@@ -174,14 +175,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
         "optimizer": type(opt).__name__, "seed": args.seed, "device": str(device),
         "threads": torch.get_num_threads(), "seconds": seconds,
     }
-    meta = {
-        "dataset": str(args.dataset),
-        "dataset_summary": data.summary(),
-        "valid_fraction": args.valid_fraction,
-        "image_shape": list(data.image_shape),
-        "training": settings,
-        "history": history,
-    }
+    meta = run_meta(args, data, settings, history)
     config = asdict(cfg)
     config["encoder_hidden"], config["decoder_hidden"] = list(cfg.encoder_hidden), list(cfg.decoder_hidden)
     save_checkpoint(out, kind=args.model, config=config,
