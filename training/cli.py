@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -68,6 +69,8 @@ def _base_parser() -> argparse.ArgumentParser:
     bd.add_argument("--models-dir", type=Path, default=Path("models"))
     bd.add_argument("--runs-dir", type=Path, default=Path("runs"))
     bd.add_argument("--force", action="store_true", help="rebuild models that are already there and valid")
+    bd.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="fits at a time, each in its own process (default: up to 2, the cores of a small host)")
     bd.add_argument("--quiet", action="store_true")
     return parser
 
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build-defaults":
             from training.defaults import build_defaults
 
-            build_defaults(args.models_dir, runs_dir=args.runs_dir, force=args.force, progress=not args.quiet)
+            build_defaults(args.models_dir, runs_dir=args.runs_dir, force=args.force, progress=not args.quiet,
+                           jobs=args.jobs)
             return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
