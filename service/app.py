@@ -404,10 +404,11 @@ async def sample(request: Request, model: ModelDep, settings: SettingsDep,
                                                    "reproducible (default: random, returned in JSON)")] = None,
                  temperature: Annotated[float, Query(ge=0, le=1e6, allow_inf_nan=False, description="scales "
                                                      "the prior's standard deviation")] = 1.0,
-                 format: Format = None, scale: Scale = 1):
+                 format: Format = None, scale: Scale = 4):
     """`n` images E[x | z] with z = temperature * N(0, I) drawn by `numpy.random.default_rng(seed)`.
 
-    A PNG grid by default (so that a browser shows it); JSON with `format=json` or Accept: application/json.
+    A PNG grid by default, upscaled 4 times so that a browser shows 28x28 digits at a readable size;
+    JSON with `format=json` or Accept: application/json.
     """
     if n > settings.max_samples:
         raise ProblemError(422, "Too many samples", f"n must be <= {settings.max_samples}, got {n}",

@@ -130,6 +130,8 @@ def test_decode_json_png_and_accept(client):
 def test_sample_png_default_json_seed_temperature(client):
     r = client.get("/sample?model=ppca-digits&n=5&seed=3")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    # 3 x 2 grid of 8x8 digits with 1-pixel separators, upscaled 4 times by default for a browser.
+    assert Image.open(io.BytesIO(r.content)).size == (4 * (3 * 9 + 1), 4 * (2 * 9 + 1))
     a = client.get("/sample?model=ppca-digits&n=5&seed=3&format=json").json()
     b = client.get("/sample?model=ppca-digits&n=5&seed=3", headers={"Accept": "application/json"}).json()
     assert a == b and a["seed"] == 3 and len(a["images"]) == 5
