@@ -15,14 +15,15 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
 from service import images as img
+from service import multipart
 from service.errors import PROBLEM_MEDIA_TYPE, ProblemError, install_error_handlers, problem_response
 from service.metrics import Metrics
 from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
@@ -68,13 +69,20 @@ ModelName = Annotated[str | None, Query(max_length=200, description="model name 
                                         "default model, see GET /models)", examples=["ppca-mnist"])]
 
 
-async def get_model(request: Request, runtime: RuntimeDep, model: ModelName = None) -> LoadedModel:
+def resolve_model(request: Request, name: str | None) -> LoadedModel:
+    """The loaded model called `name` (the default model for None); 503 until ready, 404 if unknown.
+
+    The inference endpoints call this directly instead of declaring it as a dependency: FastAPI's
+    dependency solving costs tens of microseconds per dependency per request, a fifth of the budget of
+    POST /encode under load (docs/benchmarks.md). They still declare `model` as a typed query parameter.
+    """
+    runtime: Runtime = request.app.state.runtime
     if not runtime.ready:
         detail = runtime.load_error or ("no models are loaded" if runtime.models == {} and _loaded(request)
                                         else "the models are still loading")
         raise ProblemError(503, "Not ready", detail, slug="not-ready",
                            headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
-    name = model or runtime.default_model
+    name = name or runtime.default_model
     request.state.model = name
     if name in runtime.models:
         return runtime.models[name]
@@ -85,11 +93,27 @@ async def get_model(request: Request, runtime: RuntimeDep, model: ModelName = No
                        f"{', '.join(sorted(runtime.models)) or 'none'}", slug="unknown-model")
 
 
+def json_response(content: dict, status_code: int = 200) -> Response:
+    """`content` (numpy arrays allowed) as JSON, serialized by orjson.
+
+    Returning a Response skips FastAPI's re-validation of the result against the route's
+    response_model (which stays for the OpenAPI schema; the tests check the responses against it).
+    A float32 array prints each number in its shortest form that reads back as the same float32.
+    """
+    return Response(orjson.dumps(content, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY),
+                    status_code=status_code, media_type="application/json")
+
+
+def _json_default(obj):
+    if isinstance(obj, np.ndarray):  # orjson serializes C-contiguous arrays only
+        return np.ascontiguousarray(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
 def _loaded(request: Request) -> bool:
     return request.app.state.loading_task is not None and request.app.state.loading_task.done()
 
 
-ModelDep = Annotated[LoadedModel, Depends(get_model)]
 Invert = Annotated[bool, Query(description="x -> 1 - x, for dark ink on a light background "
                                            "(the models expect light ink on black, as MNIST)")]
 Format = Annotated[Literal["json", "png"] | None, Query(description="response format; default: from the "
@@ -171,19 +195,7 @@ async def read_images(request: Request, settings: Settings, model: LoadedModel, 
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     shape = model.card.image_shape
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=settings.max_images + 1, max_fields=settings.max_images + 16)
-        parts = form.getlist("images")
-        if not parts:
-            names = sorted(set(form.keys()))
-            raise ProblemError(422, "No images", f"expected file parts named 'images', got parts {names}",
-                               slug="no-images")
-        _check_count(len(parts), settings)
-        blobs = []
-        for i, part in enumerate(parts):
-            if not isinstance(part, UploadFile):
-                raise ProblemError(422, "Not a file", f"part images[{i}] is a text field; send each image as a "
-                                   "file part (Content-Disposition with a filename)", slug="not-a-file")
-            blobs.append((await part.read(), part.filename or f"images[{i}]"))
+        blobs = _image_parts(await request.body(), request.headers["content-type"], settings)
 
         def decode_all() -> list[img.PreparedImage]:
             return [img.prepare(img.decode_image(data, name, max_pixels=settings.max_image_pixels), shape,
@@ -222,6 +234,29 @@ async def read_images(request: Request, settings: Settings, model: LoadedModel, 
                        '{"images": [...]}', slug="unsupported-media-type")
 
 
+def _image_parts(body: bytes, content_type: str, settings: Settings) -> list[tuple[bytes, str]]:
+    """(file bytes, file name) of the parts named `images` of a multipart body."""
+    try:
+        parts = multipart.parse(body, multipart.boundary(content_type), max_parts=settings.max_images + 16)
+    except multipart.TooManyPartsError as e:
+        raise ProblemError(413, "Too many images", f"{e}; the limit is {settings.max_images} images per request",
+                           slug="too-many-images") from e
+    except multipart.MultipartError as e:
+        raise ProblemError(400, "Malformed multipart body", f"{e}; expected multipart/form-data with file "
+                           "parts named 'images'", slug="malformed-multipart") from e
+    images = [p for p in parts if p.name == "images"]
+    if not images:
+        names = sorted({p.name or "(unnamed)" for p in parts})
+        raise ProblemError(422, "No images", f"expected file parts named 'images', got parts {names}",
+                           slug="no-images")
+    _check_count(len(images), settings)
+    for i, p in enumerate(images):
+        if p.filename is None:
+            raise ProblemError(422, "Not a file", f"part images[{i}] is a text field; send each image as a file "
+                               "part (Content-Disposition with a filename)", slug="not-a-file")
+    return [(p.data, p.filename or f"images[{i}]") for i, p in enumerate(images)]
+
+
 def _check_count(n: int, settings: Settings) -> None:
     if n == 0:
         raise ProblemError(422, "Empty request", "no images in the request (expected at least one)",
@@ -243,7 +278,7 @@ def _wants_png(request: Request, fmt: str | None, default: str) -> bool:
 
 
 def _image_response(request: Request, model: LoadedModel, x: np.ndarray, fmt: str | None, default: str,
-                    scale: int, settings: Settings, extra: dict | None = None) -> Response | dict:
+                    scale: int, settings: Settings, extra: dict | None = None) -> Response:
     H, W = model.card.image_shape
     x = np.clip(x, 0.0, 1.0).reshape(-1, H, W)
     if _wants_png(request, fmt, default):
@@ -251,7 +286,7 @@ def _image_response(request: Request, model: LoadedModel, x: np.ndarray, fmt: st
             raise ProblemError(422, "Invalid scale", f"scale must be <= {settings.max_png_scale}, got {scale}",
                                slug="invalid-parameter")
         return Response(img.png_grid(x, scale=scale), media_type="image/png")
-    return {"model": model.name, "image_shape": [H, W], "images": x.tolist(), **(extra or {})}
+    return json_response({"model": model.name, "image_shape": [H, W], "images": x, **(extra or {})})
 
 
 async def _run(runner, inputs: dict[str, np.ndarray], settings: Settings, cost: int | None = None):
@@ -325,16 +360,16 @@ async def list_models(runtime: RuntimeDep) -> dict:
             summary="one model and its full card")
 async def get_model_info(request: Request, runtime: RuntimeDep,
                          name: Annotated[str, Path(max_length=200, description="model name")]) -> dict:
-    m = await get_model(request, runtime, name)
+    m = resolve_model(request, name)
     return dict(m.summary(), default=m.name == runtime.default_model, card=m.card.raw)
 
 
 @router.post("/encode", response_model=EncodeResponse, tags=["inference"],
              responses=_errors(400, 401, 404, 413, 415, 422, 429, 503), openapi_extra=_IMAGE_BODY,
              summary="images -> posterior mean and log-variance")
-async def encode(request: Request, model: ModelDep, settings: SettingsDep, invert: Invert = False,
+async def encode(request: Request, model: ModelName = None, invert: Invert = False,
                  flow_params: Annotated[bool, Query(description="flow models: also return the flow parameters "
-                                                    "(u_hat, w, b)")] = False) -> dict:
+                                                    "(u_hat, w, b)")] = False) -> Response:
     """Encode images: each image's posterior `mean` and `log_var` (the exact posterior for ppca).
 
     Send the images as multipart/form-data (file parts named `images`: PNG, JPEG, BMP, GIF, TIFF, WebP) or
@@ -344,37 +379,40 @@ async def encode(request: Request, model: ModelDep, settings: SettingsDep, inver
     `invert=true` for dark ink on a light background. Flow models also give `z_k`, the mean pushed through
     the K planar flows.
     """
-    prepared = await read_images(request, settings, model, invert)
+    m = resolve_model(request, model)
+    settings: Settings = request.app.state.settings
+    prepared = await read_images(request, settings, m, invert)
     x = np.stack([p.x for p in prepared])
     request.state.batch_size = len(prepared)
-    out = await _run(model.runners["encoder"], {"x": x}, settings)
-    flows = model.card.flows > 0
+    out = await _run(m.runners["encoder"], {"x": x}, settings)
+    flows = m.card.flows > 0
     zk = _flow(out["mean"], out["flow_u"], out["flow_w"], out["flow_b"]) if flows else None
     results = []
     for i, p in enumerate(prepared):
-        r = {"source": p.source, "original_shape": list(p.original_shape), "resized": p.resized,
-             "mean": out["mean"][i].tolist(), "log_var": out["log_var"][i].tolist(), "z_k": None, "flow": None}
+        r = {"source": p.source, "original_shape": p.original_shape, "resized": p.resized,
+             "mean": out["mean"][i], "log_var": out["log_var"][i], "z_k": None, "flow": None}
         if flows:
-            r["z_k"] = zk[i].tolist()
+            r["z_k"] = zk[i]
             if flow_params:
-                r["flow"] = {"u": out["flow_u"][i].tolist(), "w": out["flow_w"][i].tolist(),
-                             "b": out["flow_b"][i].tolist()}
+                r["flow"] = {"u": out["flow_u"][i], "w": out["flow_w"][i], "b": out["flow_b"][i]}
         results.append(r)
-    return {"model": model.name, "kind": model.card.kind, "latent_dim": model.card.latent_dim,
-            "inverted": invert, "results": results}
+    return json_response({"model": m.name, "kind": m.card.kind, "latent_dim": m.card.latent_dim,
+                          "inverted": invert, "results": results})
 
 
 @router.post("/decode", response_model=ImagesResponse, tags=["inference"],
              responses={200: {**_PNG_OR_JSON, "description": "JSON images, or a PNG (one image or a grid)"},
                         **_errors(400, 401, 404, 413, 422, 429, 503)},
              summary="latent codes -> images (JSON or PNG)")
-async def decode(request: Request, body: DecodeRequest, model: ModelDep, settings: SettingsDep,
-                 format: Format = None, scale: Scale = 1):
+async def decode(request: Request, body: DecodeRequest, model: ModelName = None, format: Format = None,
+                 scale: Scale = 1) -> Response:
     """Decode latent codes `z` ([N][latent_dim]) to E[x | z], clipped to [0, 1].
 
     JSON (H x W arrays) or PNG (one image, or a grid for several): `format=json|png`, or the Accept header
     (`image/png`); JSON by default.
     """
+    model = resolve_model(request, model)
+    settings: Settings = request.app.state.settings
     d = model.card.latent_dim
     _check_count(len(body.z), settings)
     bad = [i for i, row in enumerate(body.z) if len(row) != d]
@@ -397,19 +435,21 @@ async def decode(request: Request, body: DecodeRequest, model: ModelDep, setting
             responses={200: {**_PNG_OR_JSON, "description": "a PNG grid (default) or JSON"},
                        **_errors(401, 404, 422, 429, 503)},
             summary="samples from the prior through the decoder")
-async def sample(request: Request, model: ModelDep, settings: SettingsDep,
+async def sample(request: Request, model: ModelName = None,
                  n: Annotated[int, Query(ge=1, le=1_000_000, description="number of samples (at most the "
                                          "service's max_samples, 256 by default)")] = 16,
                  seed: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="makes the draw "
                                                    "reproducible (default: random, returned in JSON)")] = None,
                  temperature: Annotated[float, Query(ge=0, le=1e6, allow_inf_nan=False, description="scales "
                                                      "the prior's standard deviation")] = 1.0,
-                 format: Format = None, scale: Scale = 4):
+                 format: Format = None, scale: Scale = 4) -> Response:
     """`n` images E[x | z] with z = temperature * N(0, I) drawn by `numpy.random.default_rng(seed)`.
 
     A PNG grid by default, upscaled 4 times so that a browser shows 28x28 digits at a readable size;
     JSON with `format=json` or Accept: application/json.
     """
+    model = resolve_model(request, model)
+    settings: Settings = request.app.state.settings
     if n > settings.max_samples:
         raise ProblemError(422, "Too many samples", f"n must be <= {settings.max_samples}, got {n}",
                            slug="invalid-parameter")
@@ -421,21 +461,21 @@ async def sample(request: Request, model: ModelDep, settings: SettingsDep,
     request.state.batch_size = n
     out = await _run(model.runners["decoder"], {"z": z}, settings)
     return _image_response(request, model, out["x_mean"], format, "png", scale, settings,
-                           {"seed": seed, "temperature": temperature, "z": z.tolist()})
+                           {"seed": seed, "temperature": temperature, "z": z})
 
 
 @router.post("/log-likelihood", response_model=LogLikelihoodResponse, tags=["inference"],
              responses=_errors(400, 401, 404, 413, 415, 422, 429, 503), openapi_extra=_IMAGE_BODY,
              summary="ELBO, importance-weighted bound (exact for ppca) and bits/dim per image")
 async def log_likelihood(
-    request: Request, model: ModelDep, settings: SettingsDep, invert: Invert = False,
+    request: Request, model: ModelName = None, invert: Invert = False,
     samples: Annotated[int | None, Query(ge=1, le=1_000_000, description="S importance samples (VAEs; "
                                          "default 100, at most the service's max_importance_samples)")] = None,
     seed: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="seed of eps ~ N(0, I) (default: "
                                       "random, returned)")] = None,
     binarize: Annotated[bool, Query(description="Bernoulli models: threshold the input at 0.5 first (the "
                                     "figures are probabilities only for binary images)")] = True,
-) -> dict:
+) -> Response:
     """Per image: the ELBO, the importance-weighted bound with S samples, bits/dim; exact for ppca.
 
     Images as for /encode. For the VAEs, eps = `numpy.random.default_rng(seed).standard_normal((N, S, d),
@@ -444,6 +484,8 @@ async def log_likelihood(
     intensity >= 0.5 becomes 1, the rest 0 (after resizing and `invert`); `binarize=false` evaluates the
     intensities as they are (no bits/dim then). PPCA's log p(x) is exact (`log_likelihood_exact`).
     """
+    model = resolve_model(request, model)
+    settings: Settings = request.app.state.settings
     card = model.card
     prepared = await read_images(request, settings, model, invert)
     x = np.stack([p.x for p in prepared])
@@ -482,9 +524,9 @@ async def log_likelihood(
         results.append({"source": p.source, "original_shape": list(p.original_shape), "resized": p.resized,
                         "log_likelihood": float(ll[i]), "log_likelihood_exact": card.kind == "ppca",
                         "elbo": float(elbo[i]), "iw_bound": float(iw[i]), "bits_per_dim": bpd})
-    return {"model": model.name, "kind": card.kind, "likelihood": card.likelihood, "samples": S, "seed": seed,
-            "binarized": binarized, "binarization": BINARIZATION if binarized else None,
-            "bits_per_dim_note": note, "results": results}
+    return json_response({"model": model.name, "kind": card.kind, "likelihood": card.likelihood, "samples": S,
+                          "seed": seed, "binarized": binarized, "binarization": BINARIZATION if binarized else None,
+                          "bits_per_dim_note": note, "results": results})
 
 
 async def _bound(model: LoadedModel, x: np.ndarray, eps: np.ndarray, settings: Settings) -> np.ndarray:
