@@ -66,16 +66,17 @@ async def get_runtime(request: Request) -> Runtime:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-ModelName = Annotated[str | None, Query(max_length=200, description="model name (default: the service's "
-                                        "default model, see GET /models)", examples=["ppca-mnist"])]
+# The query parameter `model`, bound to `model_name` in the handlers (which then hold the LoadedModel as `model`).
+ModelName = Annotated[str | None, Query(alias="model", max_length=200, description="model name (default: the "
+                                        "service's default model, see GET /models)", examples=["ppca-mnist"])]
 
 
 def resolve_model(request: Request, name: str | None) -> LoadedModel:
     """The loaded model called `name` (the default model for None); 503 until ready, 404 if unknown.
 
     The inference endpoints call this directly instead of declaring it as a dependency: FastAPI's
-    dependency solving costs tens of microseconds per dependency per request, a fifth of the budget of
-    POST /encode under load (docs/benchmarks.md). They still declare `model` as a typed query parameter.
+    dependency solving costs tens of microseconds per dependency per request on POST /encode's hot path
+    (docs/benchmarks.md). They still declare `model` as a typed query parameter.
     """
     runtime: Runtime = request.app.state.runtime
     if not runtime.ready:
@@ -368,7 +369,7 @@ async def get_model_info(request: Request, runtime: RuntimeDep,
 @router.post("/encode", response_model=EncodeResponse, tags=["inference"],
              responses=_errors(400, 401, 404, 413, 415, 422, 429, 503), openapi_extra=_IMAGE_BODY,
              summary="images -> posterior mean and log-variance")
-async def encode(request: Request, model: ModelName = None, invert: Invert = False,
+async def encode(request: Request, model_name: ModelName = None, invert: Invert = False,
                  flow_params: Annotated[bool, Query(description="flow models: also return the flow parameters "
                                                     "(u_hat, w, b)")] = False) -> Response:
     """Encode images: each image's posterior `mean` and `log_var` (the exact posterior for ppca).
@@ -380,13 +381,13 @@ async def encode(request: Request, model: ModelName = None, invert: Invert = Fal
     `invert=true` for dark ink on a light background. Flow models also give `z_k`, the mean pushed through
     the K planar flows.
     """
-    m = resolve_model(request, model)
+    model = resolve_model(request, model_name)
     settings: Settings = request.app.state.settings
-    prepared = await read_images(request, settings, m, invert)
+    prepared = await read_images(request, settings, model, invert)
     x = np.stack([p.x for p in prepared])
     request.state.batch_size = len(prepared)
-    out = await _run(m.runners["encoder"], {"x": x}, settings)
-    flows = m.card.flows > 0
+    out = await _run(model.runners["encoder"], {"x": x}, settings)
+    flows = model.card.flows > 0
     zk = _flow(out["mean"], out["flow_u"], out["flow_w"], out["flow_b"]) if flows else None
     results = []
     for i, p in enumerate(prepared):
@@ -397,7 +398,7 @@ async def encode(request: Request, model: ModelName = None, invert: Invert = Fal
             if flow_params:
                 r["flow"] = {"u": out["flow_u"][i], "w": out["flow_w"][i], "b": out["flow_b"][i]}
         results.append(r)
-    return json_response({"model": m.name, "kind": m.card.kind, "latent_dim": m.card.latent_dim,
+    return json_response({"model": model.name, "kind": model.card.kind, "latent_dim": model.card.latent_dim,
                           "inverted": invert, "results": results})
 
 
@@ -405,14 +406,14 @@ async def encode(request: Request, model: ModelName = None, invert: Invert = Fal
              responses={200: {**_PNG_OR_JSON, "description": "JSON images, or a PNG (one image or a grid)"},
                         **_errors(400, 401, 404, 413, 422, 429, 503)},
              summary="latent codes -> images (JSON or PNG)")
-async def decode(request: Request, body: DecodeRequest, model: ModelName = None, format: Format = None,
+async def decode(request: Request, body: DecodeRequest, model_name: ModelName = None, format: Format = None,
                  scale: Scale = 1) -> Response:
     """Decode latent codes `z` ([N][latent_dim]) to E[x | z], clipped to [0, 1].
 
     JSON (H x W arrays) or PNG (one image, or a grid for several): `format=json|png`, or the Accept header
     (`image/png`); JSON by default.
     """
-    model = resolve_model(request, model)
+    model = resolve_model(request, model_name)
     settings: Settings = request.app.state.settings
     d = model.card.latent_dim
     _check_count(len(body.z), settings)
@@ -436,7 +437,7 @@ async def decode(request: Request, body: DecodeRequest, model: ModelName = None,
             responses={200: {**_PNG_OR_JSON, "description": "a PNG grid (default) or JSON"},
                        **_errors(401, 404, 422, 429, 503)},
             summary="samples from the prior through the decoder")
-async def sample(request: Request, model: ModelName = None,
+async def sample(request: Request, model_name: ModelName = None,
                  n: Annotated[int, Query(ge=1, le=1_000_000, description="number of samples (at most the "
                                          "service's max_samples, 256 by default)")] = 16,
                  seed: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="makes the draw "
@@ -449,7 +450,7 @@ async def sample(request: Request, model: ModelName = None,
     A PNG grid by default, upscaled 4 times so that a browser shows 28x28 digits at a readable size;
     JSON with `format=json` or Accept: application/json.
     """
-    model = resolve_model(request, model)
+    model = resolve_model(request, model_name)
     settings: Settings = request.app.state.settings
     if n > settings.max_samples:
         raise ProblemError(422, "Too many samples", f"n must be <= {settings.max_samples}, got {n}",
@@ -469,7 +470,7 @@ async def sample(request: Request, model: ModelName = None,
              responses=_errors(400, 401, 404, 413, 415, 422, 429, 503), openapi_extra=_IMAGE_BODY,
              summary="ELBO, importance-weighted bound (exact for ppca) and bits/dim per image")
 async def log_likelihood(
-    request: Request, model: ModelName = None, invert: Invert = False,
+    request: Request, model_name: ModelName = None, invert: Invert = False,
     samples: Annotated[int | None, Query(ge=1, le=1_000_000, description="S importance samples (VAEs; "
                                          "default 100, at most the service's max_importance_samples)")] = None,
     seed: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="seed of eps ~ N(0, I) (default: "
@@ -485,7 +486,7 @@ async def log_likelihood(
     intensity >= 0.5 becomes 1, the rest 0 (after resizing and `invert`); `binarize=false` evaluates the
     intensities as they are (no bits/dim then). PPCA's log p(x) is exact (`log_likelihood_exact`).
     """
-    model = resolve_model(request, model)
+    model = resolve_model(request, model_name)
     settings: Settings = request.app.state.settings
     card = model.card
     prepared = await read_images(request, settings, model, invert)

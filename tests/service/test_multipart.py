@@ -68,8 +68,9 @@ def test_parses_what_httpx_sends_as_python_multipart_does(files, fields):
 
 
 def test_headers_preamble_epilogue_and_parameters():
-    body = (b"preamble, ignored\r\n--b0\r\ncontent-disposition: form-data; name=\"images\"; filename=\"a \\\"q\\\".png\""
-            b"\r\nContent-Type: image/png\r\n\r\nPNG\r\n--b0\r\nContent-Disposition: form-data; name=images; "
+    body = (b"preamble, ignored\r\n--b0\r\ncontent-disposition: form-data; name=\"images\"; "
+            b"filename=\"a \\\"q\\\".png\"\r\nContent-Type: image/png\r\n\r\nPNG\r\n"
+            b"--b0\r\nContent-Disposition: form-data; name=images; "
             b"filename*=utf-8''%C3%A9t%C3%A9.png; filename=\"fallback.png\"\r\n\r\n\r\n--b0--\r\nepilogue")
     parts = parse(body, boundary('multipart/form-data; boundary="b0"'), max_parts=10)
     assert [(p.name, p.filename, p.content_type, p.data) for p in parts] == [
