@@ -244,8 +244,8 @@ def _image_parts(body: bytes, content_type: str, settings: Settings) -> list[tup
         raise ProblemError(413, "Too many images", f"{e}; the limit is {settings.max_images} images per request",
                            slug="too-many-images") from e
     except multipart.MultipartError as e:
-        raise ProblemError(400, "Malformed multipart body", f"{e}; expected multipart/form-data with file "
-                           "parts named 'images'", slug="malformed-multipart") from e
+        raise ProblemError(400, "Malformed multipart body", f"{e}; expected multipart/form-data; boundary=... "
+                           "with file parts named 'images'", slug="malformed-multipart") from e
     images = [p for p in parts if p.name == "images"]
     if not images:
         names = sorted({p.name or "(unnamed)" for p in parts})

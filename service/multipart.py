@@ -70,8 +70,7 @@ def boundary(content_type: str) -> bytes:
     """The boundary of a ``multipart/form-data; boundary=...`` Content-Type header."""
     value = params(content_type).get("boundary")
     if not value:
-        raise MultipartError("the Content-Type header has no boundary parameter (expected "
-                             "multipart/form-data; boundary=...)")
+        raise MultipartError("the Content-Type header has no boundary parameter")
     b = value.encode("latin-1", errors="replace")
     if not _BOUNDARY.match(b):
         raise MultipartError(f"invalid boundary {value[:80]!r} (1 to 70 characters, RFC 2046)")
