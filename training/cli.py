@@ -78,16 +78,13 @@ def _base_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _base_parser()
-    args, _ = parser.parse_known_args(argv)
+    model = _fit_model(argv)
+    if model is not None:  # the chosen model's driver adds its own options to `fit` (and to its --help)
+        driver_for(model).add_arguments(parser._subparsers._group_actions[0].choices["fit"])
+    args = parser.parse_args(argv)
     try:
         if args.command == "fit":
-            # Second pass: the chosen model's driver adds its own options to `fit`.
-            fit_parser = parser._subparsers._group_actions[0].choices["fit"]
-            driver = driver_for(args.model)
-            driver.add_arguments(fit_parser)
-            args = parser.parse_args(argv)
-            return _fit(driver, args)
-        args = parser.parse_args(argv)
+            return _fit(driver_for(args.model), args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "export":
@@ -102,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _fit_model(argv: list[str]) -> str | None:
+    """The --model of a `fit` command line when it names a known kind, read before the full parse."""
+    if not argv or argv[0] != "fit":
+        return None
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model")
+    known, _ = pre.parse_known_args(argv[1:])
+    return known.model if known.model in DRIVERS else None
 
 
 def _fit(driver: ModuleType, args: argparse.Namespace) -> int:

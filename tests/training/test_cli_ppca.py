@@ -34,3 +34,11 @@ def test_unknown_kind_and_bad_dataset_are_clear_errors(tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "no checkpoint here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, option", [("ppca", "--method"), ("vae", "--epochs"), ("flow-vae", "--flows")])
+def test_fit_help_lists_the_chosen_models_options(model, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model", model, "--help"])  # no --out: help comes before the required options
+    assert exit_info.value.code == 0
+    assert option in capsys.readouterr().out
