@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 
 import pytest
@@ -55,6 +56,16 @@ def test_not_ready_without_models(tmp_path):
         r = c.get("/ready")
         assert r.status_code == 503 and r.headers["retry-after"]
         assert c.post("/encode", json={"images": [[0.0] * 64]}).status_code == 503
+
+
+def test_startup_heap_is_frozen_out_of_the_collector(model_repo):
+    """Once the models are loaded the start-up heap is frozen (gc.freeze), so full collections under load
+    do not walk it (the p99 latency fix of docs/benchmarks.md)."""
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    with TestClient(create_app(settings_for(model_repo))) as c:
+        wait_ready(c)
+        assert gc.get_freeze_count() > 10_000
 
 
 def test_fuzz_openapi_schema(model_repo):
