@@ -13,33 +13,43 @@ import logging
 import math
 import secrets
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
+from typing import Annotated, TypeVar
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from service import images as img
 from service import multipart
-from service.errors import PROBLEM_MEDIA_TYPE, ProblemError, install_error_handlers, problem_response
+from service.errors import (
+    PROBLEM_MEDIA_TYPE,
+    ProblemError,
+    install_error_handlers,
+    invalid_request,
+    problem_response,
+)
 from service.metrics import Metrics
 from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
 from service.runtime import LoadedModel, QueueFullError, Runtime
 from service.schemas import (
+    DecodeQuery,
     DecodeRequest,
+    EncodeQuery,
     EncodeResponse,
     Health,
     ImagesJSON,
     ImagesResponse,
+    LogLikelihoodQuery,
     LogLikelihoodResponse,
     ModelDetail,
     ModelsResponse,
     Problem,
     Ready,
+    SampleQuery,
     SampleResponse,
 )
 from service.settings import Settings
@@ -66,17 +76,28 @@ async def get_runtime(request: Request) -> Runtime:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-# The query parameter `model`, bound to `model_name` in the handlers (which then hold the LoadedModel as `model`).
-ModelName = Annotated[str | None, Query(alias="model", max_length=200, description="model name (default: the "
-                                        "service's default model, see GET /models)", examples=["ppca-mnist"])]
+Q = TypeVar("Q", bound=BaseModel)
+
+
+def read_query(request: Request, params: type[Q]) -> Q:
+    """The request's query string validated by `params` (service/schemas.py); 422 naming the parameter.
+
+    The inference endpoints read their query parameters with this instead of declaring each one as a
+    FastAPI parameter: FastAPI's per-parameter solving cost about a sixth of POST /encode's time on the
+    event loop, more than one pydantic validation of the whole query (docs/benchmarks.md). The routes
+    declare the same parameters in OpenAPI (`_query_openapi`), so /docs and schemathesis see them.
+    """
+    try:
+        return params.model_validate(dict(request.query_params))
+    except ValidationError as e:
+        raise invalid_request(e.errors(include_url=False), where=("query",)) from e
 
 
 def resolve_model(request: Request, name: str | None) -> LoadedModel:
     """The loaded model called `name` (the default model for None); 503 until ready, 404 if unknown.
 
-    The inference endpoints call this directly instead of declaring it as a dependency: FastAPI's
-    dependency solving costs tens of microseconds per dependency per request on POST /encode's hot path
-    (docs/benchmarks.md). They still declare `model` as a typed query parameter.
+    The inference endpoints call this directly instead of declaring it as a dependency, for the same
+    reason as `read_query`.
     """
     runtime: Runtime = request.app.state.runtime
     if not runtime.ready:
@@ -116,12 +137,6 @@ def _loaded(request: Request) -> bool:
     return request.app.state.loading_task is not None and request.app.state.loading_task.done()
 
 
-Invert = Annotated[bool, Query(description="x -> 1 - x, for dark ink on a light background "
-                                           "(the models expect light ink on black, as MNIST)")]
-Format = Annotated[Literal["json", "png"] | None, Query(description="response format; default: from the "
-                                                        "Accept header")]
-Scale = Annotated[int, Query(ge=1, le=64, description="PNG: integer upscaling factor (nearest neighbour)")]
-
 # ------------------------------------------------------------------------------------------------
 # OpenAPI helpers
 # ------------------------------------------------------------------------------------------------
@@ -155,6 +170,19 @@ _IMAGE_BODY = {
         },
     }
 }
+
+
+def _query_openapi(params: type[BaseModel], **extra) -> dict:
+    """`openapi_extra` of a route whose handler reads its query with `read_query(request, params)`."""
+    schema = params.model_json_schema()
+    parameters = []
+    for name, prop in schema["properties"].items():
+        prop = dict(prop)
+        parameters.append({"name": name, "in": "query", "required": name in schema.get("required", ()),
+                           "description": prop.pop("description", ""), "schema": prop})
+    return {"parameters": parameters, **extra}
+
+
 _PNG_OR_JSON = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
 
 
@@ -367,11 +395,10 @@ async def get_model_info(request: Request, runtime: RuntimeDep,
 
 
 @router.post("/encode", response_model=EncodeResponse, tags=["inference"],
-             responses=_errors(400, 401, 404, 413, 415, 422, 429, 503), openapi_extra=_IMAGE_BODY,
+             responses=_errors(400, 401, 404, 413, 415, 422, 429, 503),
+             openapi_extra=_query_openapi(EncodeQuery, **_IMAGE_BODY),
              summary="images -> posterior mean and log-variance")
-async def encode(request: Request, model_name: ModelName = None, invert: Invert = False,
-                 flow_params: Annotated[bool, Query(description="flow models: also return the flow parameters "
-                                                    "(u_hat, w, b)")] = False) -> Response:
+async def encode(request: Request) -> Response:
     """Encode images: each image's posterior `mean` and `log_var` (the exact posterior for ppca).
 
     Send the images as multipart/form-data (file parts named `images`: PNG, JPEG, BMP, GIF, TIFF, WebP) or
@@ -381,9 +408,10 @@ async def encode(request: Request, model_name: ModelName = None, invert: Invert 
     `invert=true` for dark ink on a light background. Flow models also give `z_k`, the mean pushed through
     the K planar flows.
     """
-    model = resolve_model(request, model_name)
+    q = read_query(request, EncodeQuery)
+    model = resolve_model(request, q.model)
     settings: Settings = request.app.state.settings
-    prepared = await read_images(request, settings, model, invert)
+    prepared = await read_images(request, settings, model, q.invert)
     x = np.stack([p.x for p in prepared])
     request.state.batch_size = len(prepared)
     out = await _run(model.runners["encoder"], {"x": x}, settings)
@@ -395,25 +423,25 @@ async def encode(request: Request, model_name: ModelName = None, invert: Invert 
              "mean": out["mean"][i], "log_var": out["log_var"][i], "z_k": None, "flow": None}
         if flows:
             r["z_k"] = zk[i]
-            if flow_params:
+            if q.flow_params:
                 r["flow"] = {"u": out["flow_u"][i], "w": out["flow_w"][i], "b": out["flow_b"][i]}
         results.append(r)
     return json_response({"model": model.name, "kind": model.card.kind, "latent_dim": model.card.latent_dim,
-                          "inverted": invert, "results": results})
+                          "inverted": q.invert, "results": results})
 
 
 @router.post("/decode", response_model=ImagesResponse, tags=["inference"],
              responses={200: {**_PNG_OR_JSON, "description": "JSON images, or a PNG (one image or a grid)"},
                         **_errors(400, 401, 404, 413, 422, 429, 503)},
-             summary="latent codes -> images (JSON or PNG)")
-async def decode(request: Request, body: DecodeRequest, model_name: ModelName = None, format: Format = None,
-                 scale: Scale = 1) -> Response:
+             openapi_extra=_query_openapi(DecodeQuery), summary="latent codes -> images (JSON or PNG)")
+async def decode(request: Request, body: DecodeRequest) -> Response:
     """Decode latent codes `z` ([N][latent_dim]) to E[x | z], clipped to [0, 1].
 
     JSON (H x W arrays) or PNG (one image, or a grid for several): `format=json|png`, or the Accept header
     (`image/png`); JSON by default.
     """
-    model = resolve_model(request, model_name)
+    q = read_query(request, DecodeQuery)
+    model = resolve_model(request, q.model)
     settings: Settings = request.app.state.settings
     d = model.card.latent_dim
     _check_count(len(body.z), settings)
@@ -430,54 +458,42 @@ async def decode(request: Request, body: DecodeRequest, model_name: ModelName = 
                            f"is N(0, I)), got {np.abs(z).max():.4g}", slug="invalid-latent-values")
     request.state.batch_size = len(z)
     out = await _run(model.runners["decoder"], {"z": z.astype(np.float32)}, settings)
-    return _image_response(request, model, out["x_mean"], format, "json", scale, settings)
+    return _image_response(request, model, out["x_mean"], q.format, "json", q.scale, settings)
 
 
 @router.get("/sample", response_model=SampleResponse, tags=["inference"],
             responses={200: {**_PNG_OR_JSON, "description": "a PNG grid (default) or JSON"},
                        **_errors(401, 404, 422, 429, 503)},
-            summary="samples from the prior through the decoder")
-async def sample(request: Request, model_name: ModelName = None,
-                 n: Annotated[int, Query(ge=1, le=1_000_000, description="number of samples (at most the "
-                                         "service's max_samples, 256 by default)")] = 16,
-                 seed: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="makes the draw "
-                                                   "reproducible (default: random, returned in JSON)")] = None,
-                 temperature: Annotated[float, Query(ge=0, le=1e6, allow_inf_nan=False, description="scales "
-                                                     "the prior's standard deviation")] = 1.0,
-                 format: Format = None, scale: Scale = 4) -> Response:
+            openapi_extra=_query_openapi(SampleQuery), summary="samples from the prior through the decoder")
+async def sample(request: Request) -> Response:
     """`n` images E[x | z] with z = temperature * N(0, I) drawn by `numpy.random.default_rng(seed)`.
 
     A PNG grid by default, upscaled 4 times so that a browser shows 28x28 digits at a readable size;
     JSON with `format=json` or Accept: application/json.
     """
-    model = resolve_model(request, model_name)
+    q = read_query(request, SampleQuery)
+    model = resolve_model(request, q.model)
     settings: Settings = request.app.state.settings
+    n, temperature = q.n, q.temperature
     if n > settings.max_samples:
         raise ProblemError(422, "Too many samples", f"n must be <= {settings.max_samples}, got {n}",
                            slug="invalid-parameter")
     if temperature > settings.max_temperature:
         raise ProblemError(422, "Invalid temperature", f"temperature must be in [0, {settings.max_temperature:g}],"
                            f" got {temperature:g}", slug="invalid-parameter")
-    seed = secrets.randbits(63) if seed is None else seed
+    seed = secrets.randbits(63) if q.seed is None else q.seed
     z = (temperature * np.random.default_rng(seed).standard_normal((n, model.card.latent_dim))).astype(np.float32)
     request.state.batch_size = n
     out = await _run(model.runners["decoder"], {"z": z}, settings)
-    return _image_response(request, model, out["x_mean"], format, "png", scale, settings,
+    return _image_response(request, model, out["x_mean"], q.format, "png", q.scale, settings,
                            {"seed": seed, "temperature": temperature, "z": z})
 
 
 @router.post("/log-likelihood", response_model=LogLikelihoodResponse, tags=["inference"],
-             responses=_errors(400, 401, 404, 413, 415, 422, 429, 503), openapi_extra=_IMAGE_BODY,
+             responses=_errors(400, 401, 404, 413, 415, 422, 429, 503),
+             openapi_extra=_query_openapi(LogLikelihoodQuery, **_IMAGE_BODY),
              summary="ELBO, importance-weighted bound (exact for ppca) and bits/dim per image")
-async def log_likelihood(
-    request: Request, model_name: ModelName = None, invert: Invert = False,
-    samples: Annotated[int | None, Query(ge=1, le=1_000_000, description="S importance samples (VAEs; "
-                                         "default 100, at most the service's max_importance_samples)")] = None,
-    seed: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="seed of eps ~ N(0, I) (default: "
-                                      "random, returned)")] = None,
-    binarize: Annotated[bool, Query(description="Bernoulli models: threshold the input at 0.5 first (the "
-                                    "figures are probabilities only for binary images)")] = True,
-) -> Response:
+async def log_likelihood(request: Request) -> Response:
     """Per image: the ELBO, the importance-weighted bound with S samples, bits/dim; exact for ppca.
 
     Images as for /encode. For the VAEs, eps = `numpy.random.default_rng(seed).standard_normal((N, S, d),
@@ -486,14 +502,15 @@ async def log_likelihood(
     intensity >= 0.5 becomes 1, the rest 0 (after resizing and `invert`); `binarize=false` evaluates the
     intensities as they are (no bits/dim then). PPCA's log p(x) is exact (`log_likelihood_exact`).
     """
-    model = resolve_model(request, model_name)
+    q = read_query(request, LogLikelihoodQuery)
+    model = resolve_model(request, q.model)
     settings: Settings = request.app.state.settings
     card = model.card
-    prepared = await read_images(request, settings, model, invert)
+    prepared = await read_images(request, settings, model, q.invert)
     x = np.stack([p.x for p in prepared])
     N = len(x)
     request.state.batch_size = N
-    binarized = card.likelihood == "bernoulli" and binarize
+    binarized = card.likelihood == "bernoulli" and q.binarize
     if binarized:
         x = (x >= 0.5).astype(np.float32)
     if card.kind == "ppca":
@@ -502,7 +519,7 @@ async def log_likelihood(
         elbo = iw = ll
         S, seed = None, None
     else:
-        S = n_samples = samples or settings.default_importance_samples
+        S = n_samples = q.samples or settings.default_importance_samples
         if n_samples > settings.max_importance_samples:
             raise ProblemError(422, "Too many samples", f"samples must be <= {settings.max_importance_samples}, "
                                f"got {S}", slug="invalid-parameter")
@@ -511,7 +528,7 @@ async def log_likelihood(
             raise ProblemError(413, "Too much work", f"{N} images x {S} samples = {N * S} evaluations; the limit "
                                f"is {settings.max_images * settings.max_importance_samples // 4}: send fewer images "
                                "or samples", slug="too-much-work")
-        seed = secrets.randbits(63) if seed is None else seed
+        seed = secrets.randbits(63) if q.seed is None else q.seed
         eps = np.random.default_rng(seed).standard_normal((N, S, card.latent_dim), dtype=np.float32)
         log_w = await _bound(model, x, eps, settings)
         lw = log_w.astype(np.float64)
@@ -613,6 +630,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "(PPCA, VAE, planar-flow VAE) with ONNX Runtime. Errors are application/problem+json "
                     "(RFC 9457).",
         lifespan=lifespan,
+        # The routes themselves, not app.include_router(router): an included router is matched through
+        # another layer of route contexts on every request (about 8 % of POST /encode's time).
+        routes=router.routes,
     )
     metrics = Metrics()
     app.state.settings = settings
@@ -620,7 +640,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = Runtime(settings, metrics)
     app.state.loading_task = None
     install_error_handlers(app)
-    app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Middlewares: the last added is the outermost: CORS -> request id/log/metrics -> API key -> body limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -67,6 +68,17 @@ def _jsonable_errors(errors: list[dict]) -> list[dict]:
     return out
 
 
+def invalid_request(errors: Sequence[dict], where: tuple[str, ...] = ()) -> ProblemError:
+    """422 for pydantic's validation errors: each error's location and message, e.g. `query.n: ...`.
+
+    `where` prefixes the locations (("query",) for a query model that the handler validates itself).
+    """
+    listed = _jsonable_errors([{**e, "loc": (*where, *e.get("loc", ()))} for e in list(errors)[:20]])
+    parts = [f"{'.'.join(e['loc'])}: {e['msg']}" for e in listed[:5]]
+    return ProblemError(422, "Invalid request", "; ".join(parts) or "the request is invalid",
+                        slug="invalid-request", errors=listed)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError):
@@ -74,10 +86,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errors = _jsonable_errors(list(exc.errors()))
-        parts = [f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:5]]
-        return problem_response(422, "Invalid request", "; ".join(parts) or "the request is invalid",
-                                "invalid-request", errors=errors)
+        p = invalid_request(exc.errors())
+        return problem_response(p.status, p.title, p.detail, p.slug, **p.extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -48,12 +48,16 @@ def params(value: str) -> dict[str, str]:
     ``filename*=utf-8''...`` (RFC 5987) is decoded and takes precedence over ``filename``.
     """
     out: dict[str, str] = {}
+    extended = False
     for key, raw in _PARAM.findall(value):
         key = key.lower()
         raw = raw.strip()
-        if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
-            raw = _ESCAPE.sub(r"\1", raw[1:-1])
-        if key.endswith("*"):
+        if len(raw) >= 2 and raw[0] == '"' and raw[-1] == '"':
+            raw = raw[1:-1]
+            if "\\" in raw:
+                raw = _ESCAPE.sub(r"\1", raw)
+        if key[-1] == "*":
+            extended = True
             charset, _, rest = raw.partition("'")
             _, _, encoded = rest.partition("'")
             try:
@@ -63,7 +67,7 @@ def params(value: str) -> dict[str, str]:
             out[key] = "*"  # mark that the extended value won
         elif key + "*" not in out:
             out[key] = raw
-    return {k: v for k, v in out.items() if not k.endswith("*")}
+    return {k: v for k, v in out.items() if not k.endswith("*")} if extended else out
 
 
 def boundary(content_type: str) -> bytes:

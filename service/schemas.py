@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -24,6 +24,57 @@ ImageArray = Annotated[
 _EXAMPLE_IMAGE_8x8 = [[0.0] * 8 for _ in range(8)]
 for _i in range(2, 6):
     _EXAMPLE_IMAGE_8x8[_i][3] = _EXAMPLE_IMAGE_8x8[_i][4] = 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Query parameters of the inference endpoints (validated by the handlers: service/app.py `read_query`)
+# ------------------------------------------------------------------------------------------------
+
+Invert = Annotated[bool, Field(description="x -> 1 - x, for dark ink on a light background (the models expect "
+                                           "light ink on black, as MNIST)")]
+Format = Annotated[Literal["json", "png"] | None, Field(description="response format; default: from the Accept "
+                                                          "header")]
+Scale = Annotated[int, Field(ge=1, le=64, description="PNG: integer upscaling factor (nearest neighbour)")]
+Seed = Annotated[int | None, Field(ge=0, le=2**63 - 1)]
+
+
+class ModelQuery(BaseModel):
+    model: str | None = Field(None, max_length=200, examples=["ppca-mnist"],
+                              description="model name (default: the service's default model, see GET /models)")
+
+
+class EncodeQuery(ModelQuery):
+    invert: Invert = False
+    flow_params: bool = Field(False, description="flow models: also return the flow parameters (u_hat, w, b)")
+
+
+class DecodeQuery(ModelQuery):
+    format: Format = None
+    scale: Scale = 1
+
+
+class SampleQuery(ModelQuery):
+    n: int = Field(16, ge=1, le=1_000_000, description="number of samples (at most the service's max_samples, "
+                   "256 by default)")
+    seed: Seed = Field(None, description="makes the draw reproducible (default: random, returned in JSON)")
+    temperature: float = Field(1.0, ge=0, le=1e6, allow_inf_nan=False, description="scales the prior's standard "
+                               "deviation")
+    format: Format = None
+    scale: Scale = 4
+
+
+class LogLikelihoodQuery(ModelQuery):
+    invert: Invert = False
+    samples: int | None = Field(None, ge=1, le=1_000_000, description="S importance samples (VAEs; default 100, "
+                                "at most the service's max_importance_samples)")
+    seed: Seed = Field(None, description="seed of eps ~ N(0, I) (default: random, returned)")
+    binarize: bool = Field(True, description="Bernoulli models: threshold the input at 0.5 first (the figures "
+                           "are probabilities only for binary images)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bodies
+# ------------------------------------------------------------------------------------------------
 
 
 class ImagesJSON(BaseModel):

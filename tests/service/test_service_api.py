@@ -189,6 +189,23 @@ def test_request_id_metrics_and_openapi(client):
     assert "image/png" in schema["paths"]["/sample"]["get"]["responses"]["200"]["content"]
 
 
+def test_openapi_declares_the_query_parameters_the_handlers_read(client):
+    """The inference handlers validate their query themselves (read_query); OpenAPI must still list it."""
+    paths = client.get("/openapi.json").json()["paths"]
+    expected = {("/encode", "post"): {"model", "invert", "flow_params"},
+                ("/decode", "post"): {"model", "format", "scale"},
+                ("/sample", "get"): {"model", "n", "seed", "temperature", "format", "scale"},
+                ("/log-likelihood", "post"): {"model", "invert", "samples", "seed", "binarize"}}
+    for (path, method), names in expected.items():
+        params = {p["name"]: p for p in paths[path][method]["parameters"]}
+        assert set(params) == names, path
+        assert all(p["in"] == "query" and not p["required"] and p["description"] for p in params.values())
+    n = {p["name"]: p for p in paths["/sample"]["get"]["parameters"]}["n"]["schema"]
+    assert (n["type"], n["minimum"], n["default"]) == ("integer", 1, 16)
+    fmt = {p["name"]: p for p in paths["/decode"]["post"]["parameters"]}["format"]["schema"]
+    assert {"enum": ["json", "png"], "type": "string"} in fmt["anyOf"]
+
+
 def test_access_log_is_one_json_line(client, caplog):
     import json
     import logging

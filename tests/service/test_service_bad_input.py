@@ -138,7 +138,18 @@ def test_decode_bad_latents(client):
                                    "temperature=inf", "temperature=11", "seed=-1", "seed=99999999999999999999",
                                    "format=bmp", "scale=0"])
 def test_sample_parameters_out_of_bounds(client, query):
-    problem(client.get(f"/sample?model=ppca-digits&{query}"), 422)
+    name = query.split("=")[0]
+    body = problem(client.get(f"/sample?model=ppca-digits&{query}"), 422, name)
+    if "errors" in body:  # the schema's bounds (the service's own limits, n <= 256 etc., say them in words)
+        assert body["errors"][0]["loc"] == ["query", name]
+
+
+def test_query_errors_name_the_parameter_on_every_inference_endpoint(client):
+    png = [("images", ("a.png", image_bytes(np.zeros((8, 8))), "image/png"))]
+    problem(client.post("/encode?model=ppca-digits&invert=maybe", files=png), 422, "query.invert")
+    problem(client.post("/log-likelihood?model=ppca-digits&binarize=2", files=png), 422, "query.binarize")
+    problem(client.post("/decode?model=ppca-digits&scale=x", json={"z": [[0.0] * 5]}), 422, "query.scale")
+    problem(client.get("/sample?model=" + "m" * 201), 422, "query.model")
 
 
 def test_log_likelihood_samples_out_of_bounds(client, need):
