@@ -1,12 +1,15 @@
 """Load test of POST /encode (one 28x28 PNG) on 127.0.0.1: requests/s and p50/p99 latency.
 
-    .venv/bin/python -m bench.service_load --models-dir models --model vae-mnist --requests 600
+    .venv/bin/python -m bench.service_load --models-dir models --model vae-mnist
 
 Side by side, each in its own uvicorn process with the same server settings: the service with and without
 micro-batching, (a) a trivial FastAPI endpoint that reads the upload and returns a constant, and (b) a
 naive FastAPI endpoint that decodes the PNG and runs the torch model eagerly per request (this file may
-import torch; the service never does). Concurrency 1, 8 and 64 clients (asyncio + httpx). Also the
-resident memory of the service process with its models. Appends a section to docs/benchmarks.md.
+import torch; the service never does). Concurrency 1, 8 and 64 clients, driven by wrk when it is
+installed (asyncio + httpx otherwise). `--repeats` rounds start every server once per round, in turn,
+so that a drift of a shared machine's speed hits all of them alike; the goals of issue 5 are checked on
+ratios taken within a round. Also the resident memory of the service process with its models.
+Records its section in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -151,6 +154,46 @@ def _load_wrk(port: int, png: bytes, clients: int, seconds: float, workdir: Path
             "errors": errors}
 
 
+SERVERS = [("service, batching", "service", True), ("service, no batching", "service", False),
+           ("trivial FastAPI endpoint", "trivial", True), ("naive torch endpoint", "torch", True)]
+
+
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
+def _cells_table(rows: dict[tuple[str, int], list[dict]], clients: list[int], repeats: int) -> list[str]:
+    lines = ["| server | clients | req/s | p50 ms | p99 ms | requests | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, _, _ in SERVERS:
+        for c in clients:
+            runs = rows[(label, c)]
+            rps = [r["rps"] for r in runs]
+            spread = f" ({min(rps):.0f}-{max(rps):.0f})" if repeats > 1 else ""
+            lines.append(f"| {label} | {c} | {_median(rps):.0f}{spread} | {_median([r['p50'] for r in runs]):.1f} | "
+                         f"{_median([r['p99'] for r in runs]):.1f} | {sum(r['n'] for r in runs)} | "
+                         f"{sum(r['errors'] for r in runs)} |")
+    return lines
+
+
+def _goals(rows: dict[tuple[str, int], list[dict]], c: int, rss: float) -> list[str]:
+    """The issue's goals at `c` clients, each ratio taken within a round (servers run minutes apart drift)."""
+    svc, triv, naive = (rows[(label, c)] for label in ("service, batching", "trivial FastAPI endpoint",
+                                                        "naive torch endpoint"))
+    share = [a["rps"] / b["rps"] for a, b in zip(svc, triv, strict=True)]
+    times = [a["rps"] / b["rps"] for a, b in zip(svc, naive, strict=True)]
+    p99 = [r["p99"] for r in svc]
+
+    def rng(xs, fmt):
+        return "" if len(xs) == 1 else f" (rounds: {', '.join(fmt % x for x in xs)})"
+
+    return [f"| goal at {c} clients (service, batching) | median over rounds | goal |", "| --- | --- | --- |",
+            f"| share of the trivial endpoint's req/s | {100 * _median(share):.0f} %{rng(share, '%.2f')} | >= 70 % |",
+            f"| multiple of the naive torch endpoint | {_median(times):.1f}x{rng(times, '%.1f')} | >= 3x |",
+            f"| p99 latency | {_median(p99):.1f} ms{rng(p99, '%.1f')} | <= 50 ms |",
+            f"| resident memory (3 default models loaded) | {rss:.0f} MB | <= 300 MB |"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models-dir", type=Path, default=ROOT / "models")
@@ -158,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the torch checkpoint of --model for the naive torch endpoint (default: runs/MODEL, "
                         "where build-defaults fits it)")
-    p.add_argument("--requests", type=int, default=600, help="requests per (server, concurrency)")
-    p.add_argument("--seconds", type=float, default=20.0, help="time limit per (server, concurrency)")
+    p.add_argument("--requests", type=int, default=600, help="requests per (server, concurrency) with httpx")
+    p.add_argument("--seconds", type=float, default=10.0, help="time per (server, concurrency, round)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds; each starts every server once, in turn, so that a drift of the machine's speed "
+                        "hits all of them alike (cells report the median and the range)")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--httpx", action="store_true", help="use the asyncio + httpx load generator even if wrk is here")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
@@ -169,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(args.serve, args.port, str(args.checkpoint), args.model)
         return 0
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     import json
 
     from PIL import Image
@@ -181,42 +229,39 @@ def main(argv: list[str] | None = None) -> int:
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((H, W)) * 255).astype(np.uint8)).save(buf, "PNG")
     png = buf.getvalue()
-    servers = [("service, batching", "service", True), ("service, no batching", "service", False),
-               ("trivial FastAPI endpoint", "trivial", True), ("naive torch endpoint", "torch", True)]
-    rows, rss = [], {}
+    rows: dict[tuple[str, int], list[dict]] = {(label, c): [] for label, _, _ in SERVERS for c in args.clients}
+    rss: dict[str, float] = {}
     use_wrk = shutil.which("wrk") is not None and not args.httpx
     workdir = Path(tempfile.mkdtemp(prefix="latentserve-load-"))
     generator = ("wrk (1 thread, C)" if use_wrk else "asyncio + httpx (install wrk for a lighter load generator: "
                  "apt-get install wrk)")
-    for label, kind, batching in servers:
-        proc, port = _start(kind, args, batching)
-        try:
-            if kind == "service":
-                rss[label] = _rss_mb(proc.pid)
-            for clients in args.clients:
-                if use_wrk:
-                    res = _load_wrk(port, png, clients, args.seconds, workdir)
-                else:
-                    res = asyncio.run(_load(port, png, clients, args.requests, args.seconds))
-                rows.append((label, clients, res))
-                print(f"{label:26s} c={clients:3d} {res['rps']:8.1f} req/s  p50 {res['p50']:7.2f} ms  "
-                      f"p99 {res['p99']:7.2f} ms  n={res['n']} errors={res['errors']}", flush=True)
-            if kind == "service":
-                rss[label] = max(rss[label], _rss_mb(proc.pid))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    for round_ in range(1, args.repeats + 1):
+        for label, kind, batching in SERVERS:
+            proc, port = _start(kind, args, batching)
+            try:
+                for clients in args.clients:
+                    if use_wrk:
+                        res = _load_wrk(port, png, clients, args.seconds, workdir)
+                    else:
+                        res = asyncio.run(_load(port, png, clients, args.requests, args.seconds))
+                    rows[(label, clients)].append(res)
+                    print(f"round {round_}/{args.repeats} {label:26s} c={clients:3d} {res['rps']:8.1f} req/s  "
+                          f"p50 {res['p50']:7.2f} ms  p99 {res['p99']:7.2f} ms  n={res['n']} errors={res['errors']}",
+                          flush=True)
+                if kind == "service":
+                    rss[label] = max(rss.get(label, 0.0), _rss_mb(proc.pid))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
     models = sorted(d.name for d in args.models_dir.iterdir() if (d / "card.json").is_file())
     body = [f"Model `{args.model}` (models loaded: {', '.join(models)}); load generator on the same machine "
             f"({generator}), one uvicorn process per server, {args.seconds:g} s per cell"
-            + ("." if use_wrk else f" or {args.requests} requests."), "",
-            "| server | clients | req/s | p50 ms | p99 ms | requests | errors |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    for label, clients, r in rows:
-        body.append(f"| {label} | {clients} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['n']} | "
-                    f"{r['errors']} |")
+            + ("" if use_wrk else f" or {args.requests} requests") + f", {args.repeats} round(s): every server "
+            "started once per round, in turn. Cells give the median over rounds (req/s: and the range).", ""]
+    body += _cells_table(rows, args.clients, args.repeats)
     body += ["", "Resident memory of the service process after its runs: "
-             + ", ".join(f"{k}: {v:.0f} MB" for k, v in rss.items()) + "."]
+             + ", ".join(f"{k}: {v:.0f} MB" for k, v in rss.items()) + ".", ""]
+    body += _goals(rows, max(args.clients), rss["service, batching"])
     text = "\n".join(body)
     print(text)
     if not args.no_report:
