@@ -7,7 +7,7 @@ and the upload type must be a real class, not a string.
 import io
 
 import numpy as np
-from fastapi import FastAPI, File, UploadFile
+from fastapi import FastAPI, File, Request, UploadFile
 
 
 def trivial_app() -> FastAPI:
@@ -18,6 +18,18 @@ def trivial_app() -> FastAPI:
     async def encode(images: list[UploadFile] = File(...)):  # noqa: B008
         for f in images:
             await f.read()
+        return {"model": "trivial", "results": [{"mean": [0.0]}]}
+
+    return app
+
+
+def raw_body_app() -> FastAPI:
+    """(a') A stricter ceiling: read the body as bytes without parsing the multipart form, return a constant."""
+    app = FastAPI()
+
+    @app.post("/encode")
+    async def encode(request: Request):
+        await request.body()
         return {"model": "trivial", "results": [{"mean": [0.0]}]}
 
     return app
