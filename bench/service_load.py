@@ -52,7 +52,9 @@ def serve(kind: str, port: int, checkpoint: str, model: str) -> None:
         app = torch_app(checkpoint, model)
     else:
         raise SystemExit(f"unknown app {kind}")
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    # The server settings of `python -m service` (service/__main__.py), so that only the apps differ.
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, proxy_headers=False,
+                server_header=False)
 
 
 def _start(kind: str, args, batching: bool = True) -> tuple[subprocess.Popen, int]:

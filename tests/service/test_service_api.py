@@ -200,6 +200,9 @@ def test_openapi_declares_the_query_parameters_the_handlers_read(client):
         params = {p["name"]: p for p in paths[path][method]["parameters"]}
         assert set(params) == names, path
         assert all(p["in"] == "query" and not p["required"] and p["description"] for p in params.values())
+    body = paths["/decode"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/DecodeRequest"}
+    assert "z" in client.get("/openapi.json").json()["components"]["schemas"]["DecodeRequest"]["properties"]
     n = {p["name"]: p for p in paths["/sample"]["get"]["parameters"]}["n"]["schema"]
     assert (n["type"], n["minimum"], n["default"]) == ("integer", 1, 16)
     fmt = {p["name"]: p for p in paths["/decode"]["post"]["parameters"]}["format"]["schema"]
@@ -226,3 +229,14 @@ def test_access_log_is_one_json_line(client, caplog):
     line = lines[0]
     assert line["endpoint"] == "/encode" and line["model"] == "ppca-digits" and line["status"] == 200
     assert line["batch_size"] == 2 and line["latency_ms"] > 0
+
+
+def test_a_request_route_handler_takes_the_request_alone():
+    """RequestRoute calls its handler without FastAPI's parameter solving: any other parameter would be lost."""
+    from service.app import RequestRoute
+
+    async def takes_a_query(request, n: int = 1):  # pragma: no cover - never called
+        return None
+
+    with pytest.raises(TypeError, match=r"takes \(request\) alone, got \['request', 'n'\]"):
+        RequestRoute("/x", takes_a_query, methods=["GET"])

@@ -129,7 +129,9 @@ def test_decode_bad_latents(client):
                             headers={"content-type": "application/json"}), 422)
     problem(client.post("/decode?model=ppca-digits", content=b"{bad json",
                         headers={"content-type": "application/json"}), 422)
-    problem(client.post("/decode?model=ppca-digits", content=b""), 422)
+    problem(client.post("/decode?model=ppca-digits", content=b""), 422, "empty")
+    problem(client.post("/decode?model=ppca-digits", content=b'{"z": [[0, 0, 0, 0, 0]]}',
+                        headers={"content-type": "text/plain"}), 415, "application/json")
     problem(client.post("/decode?model=ppca-digits&format=gif", json={"z": [[0.0] * 5]}), 422)
     problem(client.post("/decode?model=ppca-digits&format=png&scale=40", json={"z": [[0.0] * 5]}), 422)
 
