@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
+from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
@@ -90,8 +91,11 @@ def read_query(request: Request, params: type[Q]) -> Q:
     event loop, more than one pydantic validation of the whole query (docs/benchmarks.md). The routes
     declare the same parameters in OpenAPI (`_query_openapi`), so /docs and schemathesis see them.
     """
+    # What request.query_params holds (Starlette parses the same way), without building its multi-dict;
+    # a repeated name keeps its last value, as there.
+    query = dict(parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True))
     try:
-        return params.model_validate(dict(request.query_params))
+        return params.model_validate(query)
     except ValidationError as e:
         raise invalid_request(e.errors(include_url=False), where=("query",)) from e
 

@@ -240,3 +240,10 @@ def test_a_request_route_handler_takes_the_request_alone():
 
     with pytest.raises(TypeError, match=r"takes \(request\) alone, got \['request', 'n'\]"):
         RequestRoute("/x", takes_a_query, methods=["GET"])
+
+
+def test_query_strings_are_read_as_starlette_reads_them(client):
+    """Percent-encoding is decoded, and a repeated parameter keeps its last value (Starlette's rule)."""
+    r = client.get("/sample?model=ppca%2Ddigits&n=2&n=3&format=json&seed=1")
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "ppca-digits" and len(r.json()["images"]) == 3
