@@ -11,6 +11,7 @@ import datetime as _dt
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -46,6 +47,13 @@ def record(title: str, body: str, *, command: str, doc: Path = DOC) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     doc.write_text(text.rstrip("\n") + "\n")
+
+
+def publish(title: str, body: str, *, module: str, save: bool = True) -> None:
+    """Print `body`; when `save`, record it with the command that ran this module (`python -m module ...`)."""
+    print(body)
+    if save:
+        record(title, body, command=f".venv/bin/python -m {module} " + " ".join(sys.argv[1:]))
 
 
 def table(header: list[str], rows: list[list]) -> str:

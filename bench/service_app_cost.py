@@ -117,12 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         med = float(np.median(xs))
         lines.append(f"| {name} | {med:.0f} ({min(xs):.0f}-{max(xs):.0f}) | {svc / med:.2f}x |")
     text = "\n".join(lines)
-    print(text)
-    if not args.no_report:
-        from bench.report import record
+    from bench.report import publish
 
-        record("Service cost per request on the event loop (POST /encode, no HTTP)", text,
-               command=".venv/bin/python -m bench.service_app_cost " + " ".join(sys.argv[1:]))
+    publish("Service cost per request on the event loop (POST /encode, no HTTP)", text,
+            module="bench.service_app_cost", save=not args.no_report)
     return 0
 
 

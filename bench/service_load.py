@@ -272,12 +272,9 @@ def main(argv: list[str] | None = None) -> int:
              + ", ".join(f"{k}: {v:.0f} MB" for k, v in rss.items()) + ".", ""]
     body += _goals(rows, max(args.clients), rss["service, batching"])
     text = "\n".join(body)
-    print(text)
-    if not args.no_report:
-        from bench.report import record
+    from bench.report import publish
 
-        record("Service load (POST /encode)", text,
-               command=".venv/bin/python -m bench.service_load " + " ".join(sys.argv[1:]))
+    publish("Service load (POST /encode)", text, module="bench.service_load", save=not args.no_report)
     return 0
 
 
