@@ -61,3 +61,14 @@ def need(model_repo):
         return name
 
     return _need
+
+
+@pytest.fixture(scope="session")
+def live(model_repo, tmp_path_factory):
+    """`python -m service` on 127.0.0.1 serving the session's model repository, for real HTTP requests."""
+    from svc_helpers import start_server
+
+    server = start_server(model_repo, tmp_path_factory.mktemp("live") / "server.log",
+                          default_model="ppca-digits")
+    yield server
+    server.stop()
