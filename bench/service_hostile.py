@@ -305,16 +305,16 @@ class Server:
     def rss(self) -> float:
         return rss_mb(self.proc.pid) if self.alive() else float("nan")
 
-    def wait_quiet(self, min_s: float, max_s: float) -> float:
-        """Wait until the server uses under 5 % of a core over 0.5 s (bounded); the seconds waited."""
+    def wait_quiet(self, min_s: float, max_s: float) -> tuple[float, bool]:
+        """Wait until the server uses under 5 % of a core over 0.5 s (bounded): seconds waited, whether quiet."""
         t0 = time.monotonic()
         time.sleep(min_s)
         while self.alive() and time.monotonic() - t0 < max_s:
             c0 = cpu_seconds(self.proc.pid)
             time.sleep(0.5)
             if cpu_seconds(self.proc.pid) - c0 < 0.025:
-                break
-        return time.monotonic() - t0
+                return time.monotonic() - t0, True
+        return time.monotonic() - t0, False
 
     def stop(self) -> None:
         self._stop.set()
@@ -387,7 +387,8 @@ def build_classes(args) -> list[HostileClass]:
     def t(s):
         return max(3.0, s / 5) if q else s
 
-    classes = []
+    classes = [HostileClass("control", "0 control", "nothing: the ordinary clients alone (this machine's baseline)",
+                            [], 1, t(10))]
     # 1 deep JSON
     depth = 100_000
     deep = b"[" * depth + b"]" * depth
@@ -458,7 +459,7 @@ def build_classes(args) -> list[HostileClass]:
     classes.append(HostileClass(
         "loglik-work", "8 /log-likelihood S=5000 x 16", "POST /log-likelihood?samples=5000 with 16 images",
         [("S=5000 x 16", http_request("POST", "/log-likelihood?samples=5000", body, {"Content-Type": MP}))],
-        1, t(30), timeout=120.0))
+        1, t(30), timeout=60.0))
     # 9 unknown model names
     n_names = args.unknown_names
     per = max(1, n_names // args.clients)
@@ -486,12 +487,11 @@ def build_classes(args) -> list[HostileClass]:
         f"{args.slow_seconds:g} s (half in the headers, half in a declared 100 KB body)", [], 1, args.slow_seconds))
     # 12 pixel types
     u8 = digit(1) // 2  # max <= 127: a 16-bit copy scaled by its own maximum would double every value
-    u16 = u8.astype(np.uint16) * 257
     i32 = u8.astype(np.int32) * 16843009
     f32 = u8.astype(np.float32) / 255
     strings = json.dumps({"images": [[[str(v / 255) for v in r] for r in u8.tolist()]]}).encode()
     bools = json.dumps({"images": [[[bool(v > 60) for v in r] for r in u8.tolist()]]}).encode()
-    variants = [("16-bit PNG", http_request("POST", "/encode", multipart([(_png(u16), "a.png")]),
+    variants = [("16-bit PNG", http_request("POST", "/encode", multipart([(_png(u8.astype(np.uint16)), "a.png")]),
                                             {"Content-Type": MP})),
                 ("32-bit int TIFF", http_request("POST", "/encode", multipart([(_png(i32, "TIFF"), "a.tif")]),
                                                  {"Content-Type": MP})),
@@ -593,11 +593,11 @@ def fetch(port: int, raw: bytes, timeout: float = 60.0) -> tuple[int | str, byte
     return asyncio.run(go())
 
 
-def metrics_figures(port: int, headers: dict[str, str]) -> tuple[int, float]:
-    """Size in bytes of GET /metrics and the best of 3 fetch times (ms)."""
+def metrics_figures(port: int, headers: dict[str, str], tries: int) -> tuple[int, float]:
+    """Size in bytes of GET /metrics and the best of `tries` fetch times (ms)."""
     raw = http_request("GET", "/metrics", headers=headers)
     sizes, times = [], []
-    for _ in range(3):
+    for _ in range(tries):
         status, body, ms = fetch(port, raw)
         if status == 200:
             sizes.append(len(body))
@@ -616,7 +616,10 @@ def run_class(cls: HostileClass, server: Server, args, headers: dict[str, str], 
     started.wait(60)
     server.peak = server.rss()
     t0 = time.monotonic()
-    if cls.key == "slow-clients":
+    if cls.key == "control":
+        time.sleep(cls.seconds)
+        statuses = {}
+    elif cls.key == "slow-clients":
         statuses = asyncio.run(slow_traffic(server.port, args.slow_connections, cls.seconds))
     else:
         statuses = asyncio.run(hostile_traffic(cls, server.port, args.clients))
@@ -626,9 +629,10 @@ def run_class(cls: HostileClass, server: Server, args, headers: dict[str, str], 
                                               "encode_ms": []}
     proc.join(10)
     peak = server.peak
-    settle = server.wait_quiet(args.settle, args.quiet_max)
+    settle, quiet = server.wait_quiet(args.settle, args.quiet_max)
     after = server.rss()
-    m_size, m_ms = metrics_figures(server.port, headers) if server.alive() else (0, float("nan"))
+    m_size, m_ms = (metrics_figures(server.port, headers, 3 if cls.key == "unknown-names" else 1) if server.alive()
+                    else (0, float("nan")))
     total = Counter()
     for v in statuses.values():
         total.update(v)
@@ -638,7 +642,7 @@ def run_class(cls: HostileClass, server: Server, args, headers: dict[str, str], 
             "health_max": max(h, default=float("nan")),
             "health_status": Counter(ordinary["health_status"]), "encode_status": Counter(ordinary["encode_status"]),
             "encode_p99": percentile(ordinary["encode_ms"], 99), "peak": peak, "after": after, "settle": settle,
-            "metrics_bytes": m_size, "metrics_ms": m_ms, "killed_at": server.killed_at,
+            "metrics_bytes": m_size, "metrics_ms": m_ms, "killed_at": server.killed_at, "quiet": quiet,
             "alive": server.alive()}
 
 
@@ -736,8 +740,12 @@ def report(classes: list[HostileClass], results: dict[str, dict], baselines: dic
             note = f" (server killed by the bench at {r['killed_at']:.0f} MB)"
         elif not r["alive"]:
             note = " (server died)"
+        elif not r["quiet"]:
+            note = f" (server still busy {args.quiet_max:g} s after: restarted for the next class)"
         rows.append([c.title, format_statuses(r["statuses"]) + note, count_5xx(r["statuses"]), f"{r['wall']:.1f}",
-                     f"{r['health_p50']:.1f}", f"{r['health_p99']:.1f}", f"{r['health_max']:.0f}", r["health_n"],
+                     f"{r['health_p50']:.1f}", f"{r['health_p99']:.1f}", f"{r['health_max']:.0f}",
+                     str(r["health_n"]) + ("" if set(r["health_status"]) <= {200}
+                                           else f" ({format_statuses(r['health_status'])})"),
                      format_statuses(r["encode_status"]), f"{r['encode_p99']:.0f}", f"{r['peak']:.0f}",
                      f"{r['after']:.0f} ({r['settle']:.0f} s)", f"{r['metrics_bytes'] / 1024:.0f}",
                      f"{r['metrics_ms']:.0f}"])
@@ -774,7 +782,7 @@ def warm_up(server: Server, headers: dict[str, str], encode: tuple[bytes, str]) 
     raw = http_request("POST", "/encode", encode[0], {**headers, "Content-Type": encode[1]})
     for _ in range(20):
         fetch(server.port, raw)
-    server.wait_quiet(1.0, 10.0)
+    server.wait_quiet(1.0, 20.0)
     return server.rss()
 
 
@@ -832,7 +840,8 @@ def main(argv: list[str] | None = None) -> int:
             baselines["main"] = warm_up(server, {}, encode)
             print(f"baseline RSS {baselines['main']:.0f} MB", flush=True)
             for c in main_classes:
-                if not server.alive():
+                if not server.alive() or (results and not results[list(results)[-1]]["quiet"]):
+                    # dead, or still busy with the previous class: a fresh server, so as not to blame this class
                     server.stop()
                     server = Server(args.models_dir, log_path, args.rss_abort_mb).start()
                     warm_up(server, {}, encode)
