@@ -361,6 +361,11 @@ MP = f"multipart/form-data; boundary={BOUNDARY}"
 JSON = {"Content-Type": "application/json"}
 
 
+# Requests per client of the classes whose requests are cheap to answer: those run for their time limit,
+# so that /health is polled long enough next to them.
+CHEAP = 2000
+
+
 @dataclass
 class HostileClass:
     key: str
@@ -381,7 +386,7 @@ def build_classes(args) -> list[HostileClass]:
     png = _png(digit())
     bad = b"this is not an image"
 
-    def c(n):  # per-client counts
+    def c(n):  # requests per client (quick: fewer)
         return max(1, n // 8) if q else n
 
     def t(s):
@@ -397,7 +402,7 @@ def build_classes(args) -> list[HostileClass]:
         [("/encode", http_request("POST", "/encode", b'{"images":' + deep + b"}", JSON)),
          ("/decode", http_request("POST", "/decode", b'{"z":' + deep + b"}", JSON)),
          ("/log-likelihood", http_request("POST", "/log-likelihood", b'{"images":' + deep + b"}", JSON))],
-        c(30), t(20)))
+        c(CHEAP), t(8)))
     # 2 huge numbers
     digits = b"1" * 5000
     row = b"[" + b",".join([b"0"] * 27) + b","
@@ -410,7 +415,7 @@ def build_classes(args) -> list[HostileClass]:
          ("1e400 int in 28x28", http_request("POST", "/encode", b'{"images":[[' + row + b"1" + b"0" * 400 + b"]"
                                              + (b"," + row + b"0]") * 27 + b"]]}", JSON)),
          ("1e400 int z", http_request("POST", "/decode", b'{"z":[[1' + b"0" * 400 + b"]]}", JSON))],
-        c(40), t(20)))
+        c(CHEAP), t(8)))
     # 3 multipart RFC 2231 parameters
     charsets = [("unknown charset", "x-unknown-bench", "%41.png", png),
                 ("charset 'undefined'", "undefined", "%41.png", png),
@@ -427,7 +432,7 @@ def build_classes(args) -> list[HostileClass]:
             "Content-Type": f"multipart/form-data; boundary*={cs}''{BOUNDARY}%41"})))
     classes.append(HostileClass("multipart", "3 multipart RFC 2231", "POST /encode with `filename*=` / `boundary*=` "
                                 "in unknown, non-text or odd charsets and charsets giving lone surrogates, with a "
-                                "good and a bad image", variants, c(40), t(20)))
+                                "good and a bad image", variants, c(CHEAP), t(8)))
     # 4 decode stall: one-bit 2048x2048 PNGs
     one_bit = _png(np.zeros((2048, 2048), dtype=bool), optimize=True)
     files = [(one_bit, f"b{i}.png") for i in range(64)]
@@ -480,7 +485,7 @@ def build_classes(args) -> list[HostileClass]:
         "Content-Type": MP, "X-API-Key": ""}))]
     classes.append(HostileClass("auth", "10 auth", "against a server with LATENTSERVE_API_KEY set: OPTIONS on each "
                                 "route and empty X-API-Key / Bearer, no key (goal: every answer 401)", variants,
-                                c(20), t(15), server="auth"))
+                                c(CHEAP), t(8), server="auth"))
     # 11 slow clients (special-cased in run_class)
     classes.append(HostileClass(
         "slow-clients", "11 slow clients", f"{args.slow_connections:,} connections sending one byte a second for "
@@ -501,7 +506,7 @@ def build_classes(args) -> list[HostileClass]:
                 ("JSON booleans", http_request("POST", "/encode", bools, JSON))]
     classes.append(HostileClass("pixels", "12 pixel types", "POST /encode with 16-bit PNG, 32-bit int and float "
                                 "TIFF, and JSON pixels as strings or booleans (goal: JSON strings/booleans 422)",
-                                variants, c(20), t(20)))
+                                variants, c(CHEAP), t(8)))
     return classes
 
 
@@ -614,7 +619,7 @@ def run_class(cls: HostileClass, server: Server, args, headers: dict[str, str], 
                                                       max_s, started, stop, tx), daemon=True)
     proc.start()
     started.wait(60)
-    server.peak = server.rss()
+    start_rss = server.peak = server.rss()
     t0 = time.monotonic()
     if cls.key == "control":
         time.sleep(cls.seconds)
@@ -641,7 +646,8 @@ def run_class(cls: HostileClass, server: Server, args, headers: dict[str, str], 
             "health_p50": percentile(h, 50), "health_p99": percentile(h, 99),
             "health_max": max(h, default=float("nan")),
             "health_status": Counter(ordinary["health_status"]), "encode_status": Counter(ordinary["encode_status"]),
-            "encode_p99": percentile(ordinary["encode_ms"], 99), "peak": peak, "after": after, "settle": settle,
+            "encode_p99": percentile(ordinary["encode_ms"], 99), "start": start_rss, "peak": peak, "after": after,
+            "settle": settle,
             "metrics_bytes": m_size, "metrics_ms": m_ms, "killed_at": server.killed_at, "quiet": quiet,
             "alive": server.alive()}
 
@@ -700,7 +706,10 @@ def pixel_scaling_check(port: int) -> str:
 
 
 def goals_row(cls: HostileClass, r: dict, baseline: float) -> list[str]:
-    fivexx = count_5xx(r["statuses"]) + count_5xx(r["encode_status"]) + count_5xx(r["health_status"])
+    hostile = r["statuses"]
+    if cls.key == "slow-clients":  # a 503 of a connection limit is an answer to the slow clients, not a failure
+        hostile = Counter({k: n for k, n in hostile.items() if k != 503})
+    fivexx = count_5xx(hostile) + count_5xx(r["encode_status"]) + count_5xx(r["health_status"])
     cells = [cls.title, verdict(fivexx == 0), verdict(r["health_p99"] <= GOAL_HEALTH_P99_MS),
              verdict(r["peak"] <= GOAL_PEAK_RSS_MB), verdict(r["after"] <= baseline + GOAL_RSS_BACK_MB)]
     if cls.key == "unknown-names":
@@ -725,7 +734,9 @@ def report(classes: list[HostileClass], results: dict[str, dict], baselines: dic
              f"and POST /encode (one 28x28 PNG) in a loop, {args.pause_ms:g} ms apart. RSS: VmRSS of the server "
              "process, sampled every 50 ms; *after*: once the server used under 5 % of a core for 0.5 s (at least "
              f"{args.settle:g} s, at most {args.quiet_max:g} s). Baseline RSS (after start-up and a few ordinary "
-             "requests): " + ", ".join(f"{k} server {v:.0f} MB" for k, v in baselines.items()) + "."
+             "requests): " + ", ".join(f"{k} server {v:.0f} MB" for k, v in baselines.items()) + ". A class that "
+             f"leaves the server busy or more than {GOAL_RSS_BACK_MB:g} MB above its baseline is followed by a "
+             "fresh server, so that each row's figures are its own."
              + (" **Quick mode** (short, not for the record)." if args.quick else ""), ""]
     lines.append("| class | sends |\n| --- | --- |")
     lines += [f"| {c.title} | {c.sends} |" for c in classes if c.key in results]
@@ -742,17 +753,22 @@ def report(classes: list[HostileClass], results: dict[str, dict], baselines: dic
             note = " (server died)"
         elif not r["quiet"]:
             note = f" (server still busy {args.quiet_max:g} s after: restarted for the next class)"
+        elif r["after"] > baselines["auth" if c.server == "auth" else "main"] + GOAL_RSS_BACK_MB:
+            note = " (restarted for the next class)"
         rows.append([c.title, format_statuses(r["statuses"]) + note, count_5xx(r["statuses"]), f"{r['wall']:.1f}",
                      f"{r['health_p50']:.1f}", f"{r['health_p99']:.1f}", f"{r['health_max']:.0f}",
                      str(r["health_n"]) + ("" if set(r["health_status"]) <= {200}
                                            else f" ({format_statuses(r['health_status'])})"),
-                     format_statuses(r["encode_status"]), f"{r['encode_p99']:.0f}", f"{r['peak']:.0f}",
+                     format_statuses(r["encode_status"]), f"{r['encode_p99']:.0f}", f"{r['start']:.0f}",
+                     f"{r['peak']:.0f}",
                      f"{r['after']:.0f} ({r['settle']:.0f} s)", f"{r['metrics_bytes'] / 1024:.0f}",
                      f"{r['metrics_ms']:.0f}"])
     lines.append(table(["class", "hostile statuses", "5xx", "s", "/health p50 ms", "p99 ms", "worst ms", "polls",
-                        "ordinary /encode statuses", "/encode p99 ms", "peak RSS MB", "RSS after MB (settle)",
+                        "ordinary /encode statuses", "/encode p99 ms", "RSS at start MB", "peak RSS MB",
+                        "RSS after MB (settle)",
                         "/metrics KB", "/metrics ms"], rows))
-    lines += ["", "Goals per class: 0 responses of 5xx (hostile and ordinary); /health p99 <= "
+    lines += ["", "Goals per class: 0 responses of 5xx (hostile and ordinary; class 11: a 503 to a slow client from a "
+              "connection limit is allowed); /health p99 <= "
               f"{GOAL_HEALTH_P99_MS:g} ms; peak RSS <= {GOAL_PEAK_RSS_MB:g} MB; RSS after within "
               f"{GOAL_RSS_BACK_MB:g} MB of the baseline; class 9: /metrics < 1 MB fetched in < {GOAL_METRICS_MS:g} ms.",
               ""]
@@ -796,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-seconds", type=float, default=10.0, help="class 11: seconds of one byte a second")
     p.add_argument("--pause-ms", type=float, default=10.0, help="pause of each ordinary client between requests")
     p.add_argument("--settle", type=float, default=2.0, help="seconds after a class before RSS is read (at least)")
-    p.add_argument("--quiet-max", type=float, default=60.0, help="at most this many seconds waiting for a quiet server")
+    p.add_argument("--quiet-max", type=float, default=45.0, help="at most this many seconds waiting for a quiet server")
     p.add_argument("--loglik-calls", type=int, default=30, help="calls of POST /log-likelihood samples=1000")
     p.add_argument("--rss-abort-mb", type=float, default=6000.0, help="kill the server above this RSS (a shared "
                    "machine); it is restarted for the next class")
@@ -840,8 +856,11 @@ def main(argv: list[str] | None = None) -> int:
             baselines["main"] = warm_up(server, {}, encode)
             print(f"baseline RSS {baselines['main']:.0f} MB", flush=True)
             for c in main_classes:
-                if not server.alive() or (results and not results[list(results)[-1]]["quiet"]):
-                    # dead, or still busy with the previous class: a fresh server, so as not to blame this class
+                last = results[list(results)[-1]] if results else None
+                if not server.alive() or (last and (not last["quiet"] or last["after"] > baselines["main"]
+                                                    + GOAL_RSS_BACK_MB)):
+                    # Dead, still busy, or still holding memory after the previous class: a fresh server, so that
+                    # each class's figures are its own.
                     server.stop()
                     server = Server(args.models_dir, log_path, args.rss_abort_mb).start()
                     warm_up(server, {}, encode)
@@ -851,7 +870,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['health_p99']:.1f} worst {r['health_max']:.0f} ms; peak {r['peak']:.0f} MB, after "
                       f"{r['after']:.0f} MB; /metrics {r['metrics_bytes'] / 1024:.0f} KB in {r['metrics_ms']:.0f} ms",
                       flush=True)
-            if not server.alive():
+            last = results[list(results)[-1]] if results else None
+            if not server.alive() or (last and not last["quiet"]):
                 server.stop()
                 server = Server(args.models_dir, log_path, args.rss_abort_mb).start()
             ll_rows = []
