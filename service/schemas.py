@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, Strict, WithJsonSchema
 
 # A JSON image is validated with numpy (shape, finiteness, range) so that a wrong pixel gives one clear
 # message instead of 784; the schema still says what is expected.
@@ -116,10 +116,16 @@ class EncodeResponse(BaseModel):
     results: list[EncodeResult]
 
 
+# A JSON number: an integer or a float, never a string or a boolean (pydantic's lax mode converts those).
+Number = Annotated[float, Strict()]
+
+
 class DecodeRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"z": [[0.0, 0.5, -1.0, 0.2, 0.0]]}]})
-    z: list[list[float]] = Field(..., min_length=1, description="latent codes, each of the model's latent_dim "
-                                 "finite numbers")
+    # extra="forbid": the body holds nothing but numbers and its one key, which lets service/inputs.py
+    # count its arrays and values from the raw bytes before parsing it
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"z": [[0.0, 0.5, -1.0, 0.2, 0.0]]}]})
+    z: list[Annotated[list[Number], Field(min_length=1)]] = Field(
+        ..., min_length=1, description="latent codes, each of the model's latent_dim finite numbers (see GET /models)")
 
 
 class ImagesResponse(BaseModel):
