@@ -173,7 +173,10 @@ def _openapi(app: FastAPI) -> dict:
             "bearer": {"type": "http", "scheme": "bearer"},
         }
         schema["security"] = [{"apiKey": []}, {"bearer": []}]
-    app.openapi_schema = openapi_limits(schema, app.state.settings)
+    runtime: Runtime = app.state.runtime
+    openapi_limits(schema, app.state.settings, list(runtime.models.values()) if runtime.ready else None)
+    if runtime.ready:  # the schema states the loaded models' sizes: kept once they are known
+        app.openapi_schema = schema
     return schema
 
 

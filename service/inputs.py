@@ -291,9 +291,14 @@ _DECODE_BODY = {
 _BODY_SCHEMAS = (ImagesJSON, DecodeRequest)
 
 
-def openapi_limits(schema: dict, settings: Settings) -> dict:
+def openapi_limits(schema: dict, settings: Settings, models: list | None = None) -> dict:
     """Write the live Settings' limits into an OpenAPI schema (in place; returned): the query parameters'
-    maxima (QUERY_LIMITS), images and codes per request, and the limits' values in the API description."""
+    maxima (QUERY_LIMITS), images and codes per request, and the limits' values in the API description.
+
+    With the loaded `models`, also the lengths that depend on them: a flat JSON image holds D values and
+    a latent code latent_dim values, D and latent_dim of the model named (bounded here by the smallest
+    and largest loaded; exact when the models agree).
+    """
     for path_item in schema.get("paths", {}).values():
         for op in path_item.values():
             for param in op.get("parameters", ()) if isinstance(op, dict) else ():
@@ -306,9 +311,20 @@ def openapi_limits(schema: dict, settings: Settings) -> dict:
                 form["maxItems"] = settings.max_images
     comps = schema.get("components", {}).get("schemas", {})
     if "ImagesJSON" in comps:
-        comps["ImagesJSON"]["properties"]["images"]["maxItems"] = settings.max_images
+        images = comps["ImagesJSON"]["properties"]["images"]
+        images["maxItems"] = settings.max_images
+        flat, rows = images["items"]["oneOf"]
+        flat["maxItems"] = rows["maxItems"] = rows["items"]["maxItems"] = settings.max_image_pixels
+        if models:
+            dims = [m.card.data_dim for m in models]
+            flat["minItems"], flat["maxItems"] = min(dims), max(dims)
     if "DecodeRequest" in comps:
-        comps["DecodeRequest"]["properties"]["z"]["maxItems"] = settings.max_images
+        z = comps["DecodeRequest"]["properties"]["z"]
+        z["maxItems"] = settings.max_images
+        z["items"]["items"].update(minimum=-settings.max_latent_abs, maximum=settings.max_latent_abs)
+        if models:
+            dims = [m.card.latent_dim for m in models]
+            z["items"]["minItems"], z["items"]["maxItems"] = min(dims), max(dims)
     schema["info"]["description"] = schema["info"].get("description", "") + (
         f"\n\nLimits of this service: {settings.max_body_bytes} bytes per request body; {settings.max_images} "
         f"images or latent codes per request; {settings.max_image_pixels} pixels per image file and "
