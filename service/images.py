@@ -287,8 +287,13 @@ def json_image(values: list, shape: tuple[int, int], index: int) -> np.ndarray:
     """One JSON image (H x W nested list, or flat D) -> float32 [h, w]; ProblemError 422 when malformed."""
     source = f"images[{index}]"
     h, w = json_image_size(values, shape, index)
-    try:
-        a = np.array(values, dtype=np.float64).reshape(h, w)
+    try:  # row by row: in a worker thread, each row is a point where the event loop can take the GIL back
+        a = np.empty((h, w), dtype=np.float64)
+        if isinstance(values[0], list):
+            for r, row in enumerate(values):
+                a[r] = row
+        else:
+            a.reshape(-1)[:] = values
     except (ValueError, TypeError, OverflowError) as e:  # an integer beyond float range
         raise ProblemError(422, "Invalid pixel values", f"{source}: a value is not a finite number in [0, 1]",
                            slug="invalid-pixel-values") from e

@@ -125,6 +125,12 @@ IMAGES_EXPECTED = ('{"images": [image, ...]} with each image an H x W array or a
 
 def _json_images(body: bytes, ctype: str, settings: Settings, shape: tuple[int, int], invert: bool
                  ) -> list[img.PreparedImage]:
+    # Every value but the first follows a comma. Parsing holds the GIL, even in a worker thread: the count
+    # bounds how long (about 1.5 MB of JSON at the default max_json_pixels).
+    if (values := body.count(b",") + 1) > settings.max_json_pixels:
+        raise ProblemError(413, "Too many pixels", f"the JSON body holds about {values} values, more than the limit "
+                           f"of {settings.max_json_pixels} pixels per request in JSON images; send large images as "
+                           "files (PNG), which cost less to read", slug="too-many-pixels")
     payload = parse_json(body, ctype, IMAGES_EXPECTED)
     if isinstance(payload, dict) and isinstance(payload.get("images"), list):
         _check_count(len(payload["images"]), settings)  # before validating thousands of images
@@ -232,13 +238,23 @@ def parse_json(body: bytes, ctype: str, expected: str):
 
 def _check_json_counts(body: bytes, max_arrays: int | None, max_values: int | None, expected: str) -> None:
     # A valid body holds no strings but its keys, so every '[' opens an array and every ',' separates two
-    # members (bytes.count: a millisecond for 8 MiB).
-    if max_arrays is not None and (arrays := body.count(b"[")) > max_arrays:
-        raise ProblemError(413, "Too many values", f"the body holds {arrays} arrays, more than {max_arrays}; "
-                           f"expected {expected}", slug="too-many-values")
-    if max_values is not None and (values := body.count(b",") + 1) > max_values + (max_arrays or 0):
-        raise ProblemError(413, "Too many values", f"the body holds about {values} values, more than "
-                           f"{max_values}; expected {expected}", slug="too-many-values")
+    # members. The search stops at the first one too many: a few hundred bytes into a hostile body.
+    if max_arrays is not None and _more_than(body, b"[", max_arrays):
+        raise ProblemError(413, "Too many values", f"the body holds more than {max_arrays} arrays; expected "
+                           f"{expected}", slug="too-many-values")
+    if max_values is not None and _more_than(body, b",", max_values + (max_arrays or 0)):
+        raise ProblemError(413, "Too many values", f"the body holds more than {max_values} values; expected "
+                           f"{expected}", slug="too-many-values")
+
+
+def _more_than(body: bytes, char: bytes, limit: int) -> bool:
+    """Whether `body` holds `char` more than `limit` times (searching no further than the one too many)."""
+    pos = -1
+    for _ in range(limit + 1):
+        pos = body.find(char, pos + 1)
+        if pos < 0:
+            return False
+    return True
 
 
 def _validated(schema: type[Q], payload, expected: str) -> Q:
@@ -329,6 +345,7 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None)
         f"\n\nLimits of this service: {settings.max_body_bytes} bytes per request body; {settings.max_images} "
         f"images or latent codes per request; {settings.max_image_pixels} pixels per image file and "
         f"{settings.max_request_pixels} per request (declared width x height, checked before decoding); "
+        f"{settings.max_json_pixels} values in the JSON images of one request; "
         f"n <= {settings.max_samples} samples; samples <= {settings.max_importance_samples} importance samples; "
         f"temperature <= {settings.max_temperature:g}; scale <= {settings.max_png_scale}; |z| <= "
         f"{settings.max_latent_abs:g}. JSON bodies: UTF-8, nested at most 1024 levels, numbers within float range.")

@@ -62,3 +62,5 @@ class Settings(BaseSettings):
     # Request parsing (issue 11: inputs)
     max_request_pixels: int = Field(8 * 1024 * 1024, ge=1, description="decoded pixels per request, all images "
                                     "together: refused (413) from the sizes the files declare, before decoding")
+    max_json_pixels: int = Field(64 * 64 * 64, ge=1, description="values in the JSON images of one request (JSON "
+                                 "costs more than a file per pixel to parse); counted in the body before parsing")

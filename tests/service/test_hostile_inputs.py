@@ -132,13 +132,21 @@ def test_decode_body_of_two_million_tiny_rows(http):
     problem(http.post("/decode", content=body, headers={"content-type": "application/json"}), 413, "too-many-values")
 
 
-def test_large_json_image_is_parsed_resized_and_answered(http):
-    big = np.zeros((1400, 1400))
-    big[300:1100, 600:800] = 1.0
-    body = b'{"images": [' + json.dumps(big.astype(int).tolist()).encode() + b"]}"
-    r = http.post("/encode", content=body, headers={"content-type": "application/json"})
+def test_json_images_have_a_pixel_cap(http):
+    """1400 x 1400 JSON values: refused (413) from a count of the body before it is parsed. 500 x 500 (within
+    max_json_pixels, 262,144 by default): parsed and resized in a worker, and answered."""
+    big = np.zeros((1400, 1400), dtype=int)
+    body = b'{"images": [' + json.dumps(big.tolist()).encode() + b"]}"
+    p = problem(http.post("/encode", content=body, headers={"content-type": "application/json"}), 413,
+                "too-many-pixels")
+    assert "262144" in p["detail"]
+    side = 500
+    image = np.zeros((side, side), dtype=int)
+    image[100:400, 200:300] = 1
+    r = http.post("/encode", content=b'{"images": [' + json.dumps(image.tolist()).encode() + b"]}",
+                  headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
-    assert r.json()["results"][0]["original_shape"] == [1400, 1400] and r.json()["results"][0]["resized"]
+    assert r.json()["results"][0]["original_shape"] == [side, side] and r.json()["results"][0]["resized"]
 
 
 def test_many_bilevel_pngs_refused_from_their_declared_sizes(http):
