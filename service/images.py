@@ -169,6 +169,15 @@ def declared_size(data: bytes, source: str, *, max_pixels: int) -> tuple[int, in
         return Image.open(io.BytesIO(data), formats=FORMATS).size
 
 
+def decode_plain_png(data: bytes, *, max_pixels: int) -> np.ndarray | None:
+    """A plain 8-bit grayscale PNG -> float32 [H, W] in [0, 1]; None for any other file.
+
+    Its cost is bounded by its declared size: no ancillary chunk is read (Pillow inflates text chunks, up
+    to 64 MB of them), and the zlib stream is inflated to H * (W + 1) bytes at most.
+    """
+    return _png_gray8(data, max_pixels)
+
+
 def decode_image(data: bytes, source: str, *, max_pixels: int) -> np.ndarray:
     """Bytes of an image file -> float32 [H, W] in [0, 1]; ProblemError (413/415/422) otherwise."""
     pixels = _png_gray8(data, max_pixels)

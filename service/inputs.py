@@ -92,19 +92,25 @@ async def read_images(request: Request, settings: Settings, model, invert: bool)
     if ctype == "multipart/form-data":
         blobs = _image_parts(await request.body(), request.headers["content-type"], settings)
 
-        def decode_all() -> list[img.PreparedImage]:
-            return [img.prepare(img.decode_image(data, name, max_pixels=settings.max_image_pixels), shape,
-                                invert=invert, source=name) for data, name in blobs]
+        def decode_all(pixels: list) -> list[img.PreparedImage]:
+            return [img.prepare(img.decode_image(data, name, max_pixels=settings.max_image_pixels) if p is None
+                                else p, shape, invert=invert, source=name) for p, (data, name) in zip(pixels, blobs,
+                                                                                                       strict=True)]
 
         sizes = [img.png_size(data) for data, _ in blobs]
         if None not in sizes:  # PNGs: their sizes are known here, from their IHDR
-            total = _check_pixels(sizes, [name for _, name in blobs], settings)
-            return decode_all() if total <= INLINE_PIXELS else await offload(decode_all)
+            pixels = [None] * len(blobs)
+            if _check_pixels(sizes, [name for _, name in blobs], settings) <= INLINE_PIXELS:
+                # On the loop only what the fast path decodes: its cost is bounded by the declared size
+                pixels = [img.decode_plain_png(data, max_pixels=settings.max_image_pixels) for data, _ in blobs]
+                if all(p is not None for p in pixels):
+                    return decode_all(pixels)
+            return await offload(lambda: decode_all(pixels))
 
         def size_and_decode_all() -> list[img.PreparedImage]:
             declared = [img.declared_size(data, name, max_pixels=settings.max_image_pixels) for data, name in blobs]
             _check_pixels(declared, [name for _, name in blobs], settings)
-            return decode_all()
+            return decode_all([None] * len(blobs))
 
         return await offload(size_and_decode_all)
     if _is_json(ctype):
@@ -262,7 +268,7 @@ def _validated(schema: type[Q], payload, expected: str) -> Q:
         return schema.model_validate(payload)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
+        where = ".".join(str(p) for p in first["loc"])[:200] or "body"  # a location may quote a client's key
         raise ProblemError(422, "Invalid request", f"{where}: {first['msg']}; expected {expected}",
                            slug="invalid-request") from e
 

@@ -202,7 +202,7 @@ def test_decoding_beyond_the_inline_budget_runs_off_the_event_loop(client, monke
     from service import inputs
 
     seen: list[tuple[str, bool]] = []
-    for name in ("decode_image", "json_image"):
+    for name in ("decode_plain_png", "decode_image", "json_image"):
         original = getattr(img, name)
 
         def spy(*a, _original=original, _name=name, **k):
@@ -215,13 +215,17 @@ def test_decoding_beyond_the_inline_budget_runs_off_the_event_loop(client, monke
             return _original(*a, **k)
 
         monkeypatch.setattr(img, name, spy)
-    small = digit_png()
     side = int(np.sqrt(inputs.INLINE_PIXELS)) + 1  # one image just over the inline budget
-    large = image_bytes(np.zeros((side, side)))
-    for data, on_loop in ((small, True), (large, False)):
+    cases = [
+        (digit_png(), [("decode_plain_png", True)]),  # plain 8-bit gray: libspng on the loop
+        (image_bytes(np.zeros((8, 8)), mode="RGB"), [("decode_plain_png", True), ("decode_image", False)]),
+        (image_bytes(np.zeros((8, 8)), fmt="BMP"), [("decode_image", False)]),  # sized by Pillow, in a worker
+        (image_bytes(np.zeros((side, side))), [("decode_image", False)]),
+    ]
+    for data, want in cases:
         seen.clear()
-        r = client.post("/encode?model=ppca-digits", files=[("images", ("x.png", data, "image/png"))])
-        assert r.status_code == 200 and seen == [("decode_image", on_loop)], (r.text, seen)
+        r = client.post("/encode?model=ppca-digits", files=[("images", ("x", data, "application/octet-stream"))])
+        assert r.status_code == 200 and seen == want, (r.text, seen)
     for pixels, on_loop in ((np.zeros((8, 8)), True), (np.zeros((side, side)), False)):
         seen.clear()
         r = client.post("/encode?model=ppca-digits", json={"images": [pixels.astype(int).tolist()]})
