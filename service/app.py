@@ -26,18 +26,9 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from service import images as img
+from service.api_schema import _BODY_SCHEMAS, _DECODE_BODY, _IMAGE_BODY, _query_openapi, openapi_limits
 from service.errors import PROBLEM_MEDIA_TYPE, ProblemError, install_error_handlers, problem_response
-from service.inputs import (
-    _BODY_SCHEMAS,
-    _DECODE_BODY,
-    _IMAGE_BODY,
-    _check_count,
-    _query_openapi,
-    openapi_limits,
-    read_images,
-    read_json,
-    read_query,
-)
+from service.inputs import _check_count, read_images, read_json, read_query
 from service.metrics import Metrics
 from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
 from service.runtime import LoadedModel, QueueFullError, Runtime
