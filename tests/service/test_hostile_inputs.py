@@ -307,3 +307,15 @@ def test_no_traceback_in_the_server_log(live, http):
     """Runs last in this module: every hostile request above was answered without an unhandled error."""
     assert http.get("/health").status_code == 200
     assert "Traceback" not in live.log() and "unhandled error" not in live.log()
+
+
+@pytest.mark.parametrize("detail, extra", [("name \ud800 and \udfff", {}), ("\ud83d\ude00 paired", {}),
+                                           ("plain", {"value": float("nan")}), ("plain", {"odd": object()})])
+def test_the_problem_writer_never_fails(detail, extra):
+    """Whatever a detail quotes (lone surrogates from a client's odd encoding) or an extra member holds, the
+    body is strict UTF-8 JSON with the RFC 9457 core members."""
+    from service.errors import problem_bytes
+
+    body = json.loads(problem_bytes(422, "Invalid", detail, "invalid", **extra).decode("utf-8"))
+    assert body["status"] == 422 and body["type"] == "/problems/invalid"
+    assert body["detail"] == detail.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
