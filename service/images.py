@@ -2,8 +2,9 @@
 
 Every image becomes float32 intensities in [0, 1], flattened row-major, ink = 1 (models/README.md).
 Colour is converted to grayscale (ITU-R 601-2 luma, Pillow's "L"); transparent pixels are composited
-onto white, as a viewer shows them; 16-bit images keep their precision. `invert` maps x -> 1 - x for
-dark ink on a light background. Other sizes are resized (Lanczos, aspect ratio not kept) to the model's.
+onto white, as a viewer shows them; 16- and 32-bit images keep their precision, scaled by their type's
+range. `invert` maps x -> 1 - x for dark ink on a light background. Other sizes are resized (Lanczos,
+aspect ratio not kept) to the model's.
 
 Plain 8-bit grayscale PNGs, what Pillow, torchvision and most digit tools write, take a shorter road
 (`_png_gray8`): libspng through pyspng decodes them in about a sixth of the time Pillow's Python layer

@@ -39,7 +39,7 @@ INLINE_PIXELS = 64 * 32 * 32
 # and a comma), so such a body holds at most INLINE_PIXELS pixels.
 INLINE_JSON_BYTES = 2 * INLINE_PIXELS
 
-# Query parameters whose upper bound is a setting: (setting, what it limits), checked by `read_query` and
+# Query parameters whose upper bound is a setting (parameter -> setting), checked by `read_query` and
 # written into the OpenAPI schema by service/api_schema.py, so that both say the live value.
 QUERY_LIMITS = {"n": "max_samples", "samples": "max_importance_samples", "temperature": "max_temperature",
                 "scale": "max_png_scale"}
@@ -93,9 +93,13 @@ async def read_images(request: Request, settings: Settings, model, invert: bool)
         blobs = _image_parts(await request.body(), request.headers["content-type"], settings)
 
         def decode_all(pixels: list) -> list[img.PreparedImage]:
-            return [img.prepare(img.decode_image(data, name, max_pixels=settings.max_image_pixels) if p is None
-                                else p, shape, invert=invert, source=name) for p, (data, name) in zip(pixels, blobs,
-                                                                                                       strict=True)]
+            """Prepare every image, decoding those not decoded yet (None in `pixels`)."""
+            out = []
+            for p, (data, name) in zip(pixels, blobs, strict=True):
+                if p is None:
+                    p = img.decode_image(data, name, max_pixels=settings.max_image_pixels)
+                out.append(img.prepare(p, shape, invert=invert, source=name))
+            return out
 
         sizes = [img.png_size(data) for data, _ in blobs]
         if None not in sizes:  # PNGs: their sizes are known here, from their IHDR
