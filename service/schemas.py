@@ -15,8 +15,8 @@ ImageArray = Annotated[
                        "sizes than the model's are resized), or a flat row-major array of exactly the model's D "
                        "intensities (data_dim in GET /models); each a JSON number in [0, 1] with ink = 1 (light "
                        "ink on black, as MNIST). Strings, booleans and H x W x C colour arrays are refused (422); "
-                       "send colour images as files. At most max_image_pixels values per image and "
-                       "max_request_pixels per request (see the API description)",
+                       "send colour images as files. At most max_json_pixels values in all the JSON images of a "
+                       "request (see the limits in the API description)",
         "oneOf": [
             {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 1},
             {"type": "array", "minItems": 1,
