@@ -15,8 +15,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, TypeVar
-from urllib.parse import parse_qsl
+from typing import Annotated
 
 import numpy as np
 import orjson
@@ -25,17 +24,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ValidationError
 
 from service import images as img
-from service import multipart
-from service.errors import (
-    PROBLEM_MEDIA_TYPE,
-    ProblemError,
-    install_error_handlers,
-    invalid_request,
-    problem_response,
-)
+from service.api_schema import _BODY_SCHEMAS, _DECODE_BODY, _IMAGE_BODY, _query_openapi, openapi_limits
+from service.errors import PROBLEM_MEDIA_TYPE, ProblemError, install_error_handlers, problem_response
+from service.inputs import _check_count, read_images, read_json, read_query
 from service.metrics import Metrics
 from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
 from service.runtime import LoadedModel, QueueFullError, Runtime
@@ -45,7 +38,6 @@ from service.schemas import (
     EncodeQuery,
     EncodeResponse,
     Health,
-    ImagesJSON,
     ImagesResponse,
     LogLikelihoodQuery,
     LogLikelihoodResponse,
@@ -60,8 +52,6 @@ from service.settings import Settings
 
 log = logging.getLogger("service")
 BINARIZATION = "x >= 0.5 -> 1, else 0 (after resizing and invert)"
-# Images whose files together exceed this are decoded in a worker thread, not on the event loop.
-INLINE_DECODE_BYTES = 64 * 1024
 LOG2 = math.log(2.0)
 
 # ------------------------------------------------------------------------------------------------
@@ -80,24 +70,6 @@ async def get_runtime(request: Request) -> Runtime:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-Q = TypeVar("Q", bound=BaseModel)
-
-
-def read_query(request: Request, params: type[Q]) -> Q:
-    """The request's query string validated by `params` (service/schemas.py); 422 naming the parameter.
-
-    The inference endpoints read their query parameters with this instead of declaring each one as a
-    FastAPI parameter: FastAPI's per-parameter solving cost about a sixth of POST /encode's time on the
-    event loop, more than one pydantic validation of the whole query (docs/benchmarks.md). The routes
-    declare the same parameters in OpenAPI (`_query_openapi`), so /docs and schemathesis see them.
-    """
-    # What request.query_params holds (Starlette parses the same way), without building its multi-dict;
-    # a repeated name keeps its last value, as there.
-    query = dict(parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True))
-    try:
-        return params.model_validate(query)
-    except ValidationError as e:
-        raise invalid_request(e.errors(include_url=False), where=("query",)) from e
 
 
 def resolve_model(request: Request, name: str | None) -> LoadedModel:
@@ -164,38 +136,6 @@ def _errors(*codes: int) -> dict:
     return {c: {"model": Problem, "description": _ERRORS[c]} for c in codes}
 
 
-_IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {"type": "object", "required": ["images"], "properties": {"images": {
-                    "type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
-                    "description": "image files (PNG, JPEG, BMP, GIF, TIFF, WebP); one part per image"}}},
-            },
-            "application/json": {"schema": {"$ref": "#/components/schemas/ImagesJSON"}},
-        },
-    }
-}
-
-
-def _query_openapi(params: type[BaseModel], **extra) -> dict:
-    """`openapi_extra` of a route whose handler reads its query with `read_query(request, params)`."""
-    schema = params.model_json_schema()
-    parameters = []
-    for name, prop in schema["properties"].items():
-        prop = dict(prop)
-        parameters.append({"name": name, "in": "query", "required": name in schema.get("required", ()),
-                           "description": prop.pop("description", ""), "schema": prop})
-    return {"parameters": parameters, **extra}
-
-
-_DECODE_BODY = {
-    "requestBody": {"required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DecodeRequest"}}}}
-}
-# Bodies the handlers read themselves (read_json): their schemas go into the OpenAPI components by hand.
-_BODY_SCHEMAS = (ImagesJSON, DecodeRequest)
 _PNG_OR_JSON = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
 
 
@@ -224,115 +164,11 @@ def _openapi(app: FastAPI) -> dict:
             "bearer": {"type": "http", "scheme": "bearer"},
         }
         schema["security"] = [{"apiKey": []}, {"bearer": []}]
-    app.openapi_schema = schema
+    runtime: Runtime = app.state.runtime
+    openapi_limits(schema, app.state.settings, list(runtime.models.values()) if runtime.ready else None)
+    if runtime.ready:  # the schema states the loaded models' sizes: kept once they are known
+        app.openapi_schema = schema
     return schema
-
-
-# ------------------------------------------------------------------------------------------------
-# Input parsing
-# ------------------------------------------------------------------------------------------------
-
-
-async def read_images(request: Request, settings: Settings, model: LoadedModel, invert: bool
-                      ) -> list[img.PreparedImage]:
-    """The request's images (multipart parts named `images`, or JSON) prepared for `model`."""
-    ctype = _media_type(request)
-    shape = model.card.image_shape
-    if ctype == "multipart/form-data":
-        blobs = _image_parts(await request.body(), request.headers["content-type"], settings)
-
-        def decode_all() -> list[img.PreparedImage]:
-            return [img.prepare(img.decode_image(data, name, max_pixels=settings.max_image_pixels), shape,
-                                invert=invert, source=name) for data, name in blobs]
-
-        if sum(len(b) for b, _ in blobs) > INLINE_DECODE_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(None, decode_all)
-        return decode_all()
-    if _is_json(ctype):
-        expected = ('{"images": [image, ...]} with each image an H x W array or a flat array of D intensities in '
-                    "[0, 1], or a multipart upload")
-        payload = await _json_payload(request, expected)
-        if isinstance(payload, dict) and isinstance(payload.get("images"), list):
-            _check_count(len(payload["images"]), settings)  # before validating thousands of images
-        parsed = _validated(ImagesJSON, payload, expected)
-        out = []
-        for i, values in enumerate(parsed.images):
-            pixels = img.json_image(values, shape, i)
-            out.append(img.prepare(pixels, shape, invert=invert, source=f"images[{i}]"))
-        return out
-    raise ProblemError(415, "Unsupported media type", f"Content-Type {ctype or '(none)'!r} is not accepted; send "
-                       "multipart/form-data with file parts named 'images', or application/json "
-                       '{"images": [...]}', slug="unsupported-media-type")
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-def _is_json(media_type: str) -> bool:
-    return media_type == "application/json" or media_type.endswith("+json")
-
-
-async def read_json(request: Request, schema: type[Q], expected: str) -> Q:
-    """The JSON body validated by `schema`: 422 saying `expected` when empty or invalid, 415 when not JSON."""
-    payload = await _json_payload(request, expected)
-    return _validated(schema, payload, expected)
-
-
-async def _json_payload(request: Request, expected: str):
-    body = await request.body()
-    if not body.strip():
-        raise ProblemError(422, "Empty request", f"the body is empty; expected {expected}", slug="empty-request")
-    ctype = _media_type(request)
-    if not _is_json(ctype):
-        raise ProblemError(415, "Unsupported media type", f"Content-Type {ctype or '(none)'!r} is not accepted; "
-                           f"send application/json: {expected}", slug="unsupported-media-type")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProblemError(422, "Malformed JSON", f"the body is not valid JSON ({e})", slug="malformed-json") from e
-
-
-def _validated(schema: type[Q], payload, expected: str) -> Q:
-    try:
-        return schema.model_validate(payload)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ProblemError(422, "Invalid request", f"{where}: {first['msg']}; expected {expected}",
-                           slug="invalid-request") from e
-
-
-def _image_parts(body: bytes, content_type: str, settings: Settings) -> list[tuple[bytes, str]]:
-    """(file bytes, file name) of the parts named `images` of a multipart body."""
-    try:
-        parts = multipart.parse(body, multipart.boundary(content_type), max_parts=settings.max_images + 16)
-    except multipart.TooManyPartsError as e:
-        raise ProblemError(413, "Too many images", f"{e}; the limit is {settings.max_images} images per request",
-                           slug="too-many-images") from e
-    except multipart.MultipartError as e:
-        raise ProblemError(400, "Malformed multipart body", f"{e}; expected multipart/form-data; boundary=... "
-                           "with file parts named 'images'", slug="malformed-multipart") from e
-    images = [p for p in parts if p.name == "images"]
-    if not images:
-        names = sorted({p.name or "(unnamed)" for p in parts})
-        raise ProblemError(422, "No images", f"expected file parts named 'images', got parts {names}",
-                           slug="no-images")
-    _check_count(len(images), settings)
-    for i, p in enumerate(images):
-        if p.filename is None:
-            raise ProblemError(422, "Not a file", f"part images[{i}] is a text field; send each image as a file "
-                               "part (Content-Disposition with a filename)", slug="not-a-file")
-    return [(p.data, p.filename or f"images[{i}]") for i, p in enumerate(images)]
-
-
-def _check_count(n: int, settings: Settings) -> None:
-    if n == 0:
-        raise ProblemError(422, "Empty request", "no images in the request (expected at least one)",
-                           slug="empty-request")
-    if n > settings.max_images:
-        raise ProblemError(413, "Too many images", f"{n} images in one request; the limit is "
-                           f"{settings.max_images}", slug="too-many-images")
 
 
 def _wants_png(request: Request, fmt: str | None, default: str) -> bool:
@@ -503,7 +339,8 @@ async def decode(request: Request) -> Response:
     model = resolve_model(request, q.model)
     settings: Settings = request.app.state.settings
     d = model.card.latent_dim
-    body = await read_json(request, DecodeRequest, f'{{"z": [[...], ...]}}, each code {d} finite numbers')
+    body = await read_json(request, DecodeRequest, f'{{"z": [[...], ...]}}, each code {d} finite numbers',
+                           max_arrays=settings.max_images + 1, max_values=settings.max_images * d)
     _check_count(len(body.z), settings)
     bad = [i for i, row in enumerate(body.z) if len(row) != d]
     if bad:

@@ -41,8 +41,25 @@ class ProblemResponse(JSONResponse):
     media_type = PROBLEM_MEDIA_TYPE
 
     def render(self, content: Any) -> bytes:
-        # allow_nan=False: a problem body is always valid JSON
-        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        """Always valid UTF-8 JSON, whatever a detail quotes: lone surrogates become U+FFFD, and members
+        that are not JSON (a non-finite number, an odd object) leave only the RFC 9457 core behind."""
+        try:
+            text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError):
+            core = {k: content.get(k) for k in ("type", "title", "status", "detail")} if isinstance(
+                content, dict) else {}
+            text = json.dumps({k: v if isinstance(v, int) else str(v) for k, v in core.items()
+                               if v is not None}, ensure_ascii=False,
+                              separators=(",", ":"))
+        return _utf8(text)
+
+
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8, lone surrogates (from a client's odd encoding) replaced by U+FFFD."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 def problem_response(status: int, title: str, detail: str, slug: str, headers: dict[str, str] | None = None,

@@ -22,6 +22,10 @@ _BOUNDARY = re.compile(rb"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=
 # A parameter of a header value: name=token or name="quoted string" (with backslash escapes).
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 _ESCAPE = re.compile(r"\\(.)")
+# RFC 8187 (which RFC 7578 points to for filename*): UTF-8 and ISO-8859-1 only. Any other codec name that
+# Python knows (idna, utf-7, raw_unicode_escape, rot13...) could raise or yield text that is no valid
+# Unicode (lone surrogates), so an extended parameter in another charset is ignored, not decoded.
+_CHARSETS = {"utf-8": "utf-8", "iso-8859-1": "latin-1", "us-ascii": "ascii", "": "utf-8"}
 
 
 class MultipartError(ValueError):
@@ -60,10 +64,16 @@ def params(value: str) -> dict[str, str]:
             extended = True
             charset, _, rest = raw.partition("'")
             _, _, encoded = rest.partition("'")
+            encoding = _CHARSETS.get(charset.strip().lower())
             try:
-                out[key[:-1]] = unquote(encoded, encoding=charset or "utf-8", errors="strict")
+                if encoding is None:
+                    raise LookupError(charset)
+                out[key[:-1]] = unquote(encoded, encoding=encoding, errors="strict")
             except (LookupError, UnicodeDecodeError):
-                continue  # undecodable extended value: keep the plain parameter, if any
+                # Another charset than RFC 8187's, or undecodable: the plain parameter wins if there is one;
+                # else the parameter is there, with an empty value (a file part whose name is unknown)
+                out.setdefault(key[:-1], "")
+                continue
             out[key] = "*"  # mark that the extended value won
         elif key + "*" not in out:
             out[key] = raw

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, Strict, WithJsonSchema
 
 # A JSON image is validated with numpy (shape, finiteness, range) so that a wrong pixel gives one clear
 # message instead of 784; the schema still says what is expected.
 ImageArray = Annotated[
     list[Any],
     WithJsonSchema({
-        "description": "one image: H rows of W intensities, or a flat row-major array of D = H * W "
-                       "intensities; each in [0, 1] with ink = 1 (light ink on black, as MNIST)",
+        "description": "one grayscale image: H rows of W intensities (every row of the same length; other "
+                       "sizes than the model's are resized), or a flat row-major array of exactly the model's D "
+                       "intensities (data_dim in GET /models); each a JSON number in [0, 1] with ink = 1 (light "
+                       "ink on black, as MNIST). Strings, booleans and H x W x C colour arrays are refused (422); "
+                       "send colour images as files. At most max_json_pixels values in all the JSON images of a "
+                       "request (see the limits in the API description)",
         "oneOf": [
             {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 1},
             {"type": "array", "minItems": 1,
@@ -116,10 +120,16 @@ class EncodeResponse(BaseModel):
     results: list[EncodeResult]
 
 
+# A JSON number: an integer or a float, never a string or a boolean (pydantic's lax mode converts those).
+Number = Annotated[float, Strict()]
+
+
 class DecodeRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"z": [[0.0, 0.5, -1.0, 0.2, 0.0]]}]})
-    z: list[list[float]] = Field(..., min_length=1, description="latent codes, each of the model's latent_dim "
-                                 "finite numbers")
+    # extra="forbid": the body holds nothing but numbers and its one key, which lets service/inputs.py
+    # count its arrays and values from the raw bytes before parsing it
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"z": [[0.0, 0.5, -1.0, 0.2, 0.0]]}]})
+    z: list[Annotated[list[Number], Field(min_length=1)]] = Field(
+        ..., min_length=1, description="latent codes, each of the model's latent_dim finite numbers (see GET /models)")
 
 
 class ImagesResponse(BaseModel):

@@ -58,3 +58,9 @@ class Settings(BaseSettings):
     max_latent_abs: float = Field(1e3, gt=0, description="largest |z| accepted by /decode")
     max_temperature: float = Field(10.0, gt=0)
     max_png_scale: int = Field(16, ge=1)
+
+    # Request parsing (issue 11: inputs)
+    max_request_pixels: int = Field(8 * 1024 * 1024, ge=1, description="decoded pixels per request, all images "
+                                    "together: refused (413) from the sizes the files declare, before decoding")
+    max_json_pixels: int = Field(64 * 64 * 64, ge=1, description="values in the JSON images of one request (JSON "
+                                 "costs more than a file per pixel to parse); counted in the body before parsing")

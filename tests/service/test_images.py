@@ -178,3 +178,41 @@ def test_zlib_bomb_in_a_small_png_is_not_inflated_whole():
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
     assert _png_gray8(data, MAX_PIXELS) is None
     assert_same_outcome(data)
+
+
+@pytest.mark.parametrize("dtype, fmt, top", [(np.uint16, "PNG", 65535), (np.uint16, "TIFF", 65535),
+                                              (np.int32, "TIFF", 2**31 - 1)])
+def test_deep_integer_images_are_scaled_by_their_type_range(dtype, fmt, top):
+    """Not by the image's own maximum: a dim image stays dim (the reference: the values / the type's top)."""
+    a = np.random.default_rng(1).integers(0, top // 100, size=(6, 7), endpoint=True)
+    buf = io.BytesIO()
+    Image.fromarray(a.astype(dtype)).save(buf, format=fmt)
+    got = decode_image(buf.getvalue(), "x", max_pixels=MAX_PIXELS)
+    np.testing.assert_allclose(got, a / top, rtol=1e-6, atol=1e-9)
+    assert got.max() < 0.011
+
+
+def test_float_images_are_intensities_clipped_to_the_unit_range():
+    a = np.array([[-1.0, 0.0, 0.25], [1.0, 7.0, np.nan]], dtype=np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="TIFF")
+    np.testing.assert_array_equal(decode_image(buf.getvalue(), "x", max_pixels=MAX_PIXELS),
+                                  np.array([[0, 0, 0.25], [1, 1, 0]], dtype=np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"])
+def test_declared_size_is_read_without_decoding(fmt, monkeypatch):
+    from service.images import declared_size, png_size
+
+    buf = io.BytesIO()
+    Image.new("L", (37, 11)).save(buf, format=fmt)
+    data = buf.getvalue()
+    from PIL import ImageFile, TiffImagePlugin, WebPImagePlugin
+
+    for cls in (Image.Image, ImageFile.ImageFile, TiffImagePlugin.TiffImageFile, WebPImagePlugin.WebPImageFile):
+        monkeypatch.setattr(cls, "load", lambda self: pytest.fail("decoded"))
+    assert declared_size(data, "x", max_pixels=MAX_PIXELS) == (37, 11)
+    assert png_size(data) == ((37, 11) if fmt == "PNG" else None)
+    with pytest.raises(ProblemError) as e:
+        declared_size(b"not an image", "x", max_pixels=MAX_PIXELS)
+    assert e.value.status == 415

@@ -5,6 +5,7 @@ parser) reads from them; malformed bodies raise MultipartError with a message.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import pytest
@@ -100,3 +101,27 @@ def test_too_many_parts():
     assert len(parse(body, boundary(ctype), max_parts=5)) == 5
     with pytest.raises(TooManyPartsError, match="more than 4 parts"):
         parse(body, boundary(ctype), max_parts=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(charset=st.one_of(st.sampled_from(["utf-8", "UTF-8", "iso-8859-1", "us-ascii", "", "idna", "utf-7", "utf-16",
+                                          "raw_unicode_escape", "unicode_escape", "rot13", "punycode", "undefined",
+                                          "base64", "hex", "zlib"]),
+                         st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", max_size=12)),
+       encoded=st.one_of(st.text(st.characters(exclude_characters=';"\\\' \t\r\n', exclude_categories=["Cs"]),
+                                 max_size=20), st.sampled_from(["%ED%A0%80", "%5Cud800", "+2AA-", "%FF%FE%00%D8",
+                                                                 "%C3%A9", "%00"])),
+       plain=st.sampled_from(["", '; filename="plain.png"']))
+def test_extended_parameters_never_raise_and_give_valid_unicode(charset, encoded, plain):
+    """RFC 8187 values (filename*=, boundary*=) in any charset: no exception, no lone surrogate; only UTF-8,
+    ISO-8859-1 and US-ASCII are decoded, anything else leaves the plain value (or an empty one)."""
+    for value in (f"form-data; name=images; filename*={charset}''{encoded}{plain}",
+                  f"multipart/form-data; boundary*={charset}''{encoded}"):
+        got = params(value)
+        for text in got.values():
+            text.encode("utf-8")  # raises on a lone surrogate
+        key = "filename" if value.startswith("form-data") else "boundary"
+        if charset.strip().lower() not in ("utf-8", "iso-8859-1", "us-ascii", ""):
+            assert got[key] == ("plain.png" if plain and key == "filename" else "")
+    with contextlib.suppress(MultipartError):  # no boundary, or an invalid one: fine; anything else is not
+        boundary(f"multipart/form-data; boundary*={charset}''{encoded}")

@@ -78,7 +78,10 @@ def test_json_image_values(client):
         ({"images": [[0.5] * 63 + [1.5]]}, "[0, 1]"),
         ({"images": [[0.5] * 63 + [-0.1]]}, "[0, 1]"),
         ({"images": [["a"] * 64]}, "number"),
-        ({"images": [[[[0.5]]]]}, "shape"),
+        ({"images": [[[[0.5]]]]}, "numbers, got an array"),
+        ({"images": [[[[0.5, 0.5, 0.5]] * 8] * 8]}, "numbers, got an array"),  # H x W x 3: not accepted
+        ({"images": [[True] + [0.5] * 63]}, "numbers, got a boolean"),
+        ({"images": [[[0.5] * 8] * 7 + [[0.5] * 7 + ["0.5"]]]}, "numbers, got a string"),
         ({"images": [5]}, "images.0"),
     ]
     for body, word in bad:
@@ -86,7 +89,7 @@ def test_json_image_values(client):
     for token in (b"NaN", b"Infinity", b"-Infinity"):
         payload = b'{"images": [[' + b"0.5," * 63 + token + b"]]}"
         problem(client.post("/encode?model=ppca-digits", content=payload,
-                            headers={"content-type": "application/json"}), 422, "nan or infinite")
+                            headers={"content-type": "application/json"}), 422, "not valid json")
 
 
 def test_too_many_images(client):

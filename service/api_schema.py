@@ -1,0 +1,98 @@
+"""OpenAPI for the inference endpoints, whose handlers read their query and body themselves
+(service/inputs.py): the request bodies and query parameters, and the limits of the live Settings and of
+the loaded models written into the schema, so that it says exactly what is accepted."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from service.inputs import QUERY_LIMITS
+from service.schemas import DecodeRequest, ImagesJSON
+from service.settings import Settings
+
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["images"], "properties": {"images": {
+                    "type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                    "description": "image files (PNG, JPEG, BMP, GIF, TIFF, WebP); one part per image. Each "
+                                   "file may declare at most max_image_pixels pixels (width x height), all "
+                                   "together at most max_request_pixels; see the limits in the description"}}},
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/ImagesJSON"}},
+        },
+    }
+}
+
+
+def _query_openapi(params: type[BaseModel], **extra) -> dict:
+    """`openapi_extra` of a route whose handler reads its query with `read_query(request, params)`."""
+    schema = params.model_json_schema()
+    parameters = []
+    for name, prop in schema["properties"].items():
+        prop = dict(prop)
+        parameters.append({"name": name, "in": "query", "required": name in schema.get("required", ()),
+                           "description": prop.pop("description", ""), "schema": prop})
+    return {"parameters": parameters, **extra}
+
+
+_DECODE_BODY = {
+    "requestBody": {"required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DecodeRequest"}}}}
+}
+# Bodies the handlers read themselves (read_json): their schemas go into the OpenAPI components by hand.
+_BODY_SCHEMAS = (ImagesJSON, DecodeRequest)
+
+
+def openapi_limits(schema: dict, settings: Settings, models: list | None = None) -> dict:
+    """Write the live Settings' limits into an OpenAPI schema (in place; returned): the query parameters'
+    maxima (QUERY_LIMITS), images and codes per request, and the limits' values in the API description.
+
+    With the loaded `models`, also the lengths that depend on them: a flat JSON image holds D values and
+    a latent code latent_dim values, D and latent_dim of the model named (bounded here by the smallest
+    and largest loaded; exact when the models agree).
+    """
+    for path_item in schema.get("paths", {}).values():
+        for op in path_item.values():
+            for param in op.get("parameters", ()) if isinstance(op, dict) else ():
+                setting = QUERY_LIMITS.get(param.get("name")) if param.get("in") == "query" else None
+                if setting is not None:
+                    _set_maximum(param["schema"], getattr(settings, setting))
+            content = op.get("requestBody", {}).get("content", {}) if isinstance(op, dict) else {}
+            form = content.get("multipart/form-data", {}).get("schema", {}).get("properties", {}).get("images")
+            if form is not None:
+                form["maxItems"] = settings.max_images
+    comps = schema.get("components", {}).get("schemas", {})
+    if "ImagesJSON" in comps:
+        images = comps["ImagesJSON"]["properties"]["images"]
+        images["maxItems"] = settings.max_images
+        flat, rows = images["items"]["oneOf"]
+        flat["maxItems"] = rows["maxItems"] = rows["items"]["maxItems"] = settings.max_image_pixels
+        if models:
+            dims = [m.card.data_dim for m in models]
+            flat["minItems"], flat["maxItems"] = min(dims), max(dims)
+    if "DecodeRequest" in comps:
+        z = comps["DecodeRequest"]["properties"]["z"]
+        z["maxItems"] = settings.max_images
+        z["items"]["items"].update(minimum=-settings.max_latent_abs, maximum=settings.max_latent_abs)
+        if models:
+            dims = [m.card.latent_dim for m in models]
+            z["items"]["minItems"], z["items"]["maxItems"] = min(dims), max(dims)
+    schema["info"]["description"] = schema["info"].get("description", "") + (
+        f"\n\nLimits of this service: {settings.max_body_bytes} bytes per request body; {settings.max_images} "
+        f"images or latent codes per request; {settings.max_image_pixels} pixels per image file and "
+        f"{settings.max_request_pixels} per request (declared width x height, checked before decoding); "
+        f"{settings.max_json_pixels} values in the JSON images of one request; "
+        f"n <= {settings.max_samples} samples; samples <= {settings.max_importance_samples} importance samples; "
+        f"temperature <= {settings.max_temperature:g}; scale <= {settings.max_png_scale}; |z| <= "
+        f"{settings.max_latent_abs:g}. JSON bodies: UTF-8, nested at most 1024 levels, numbers within float range.")
+    return schema
+
+
+def _set_maximum(prop: dict, limit) -> None:
+    """Set `maximum` in a parameter schema (`anyOf` of [type, null] for optional ones)."""
+    targets = [s for s in prop.get("anyOf", [prop]) if s.get("type") in ("integer", "number")]
+    for s in targets:
+        s["maximum"] = min(s.get("maximum", limit), limit)
