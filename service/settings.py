@@ -58,3 +58,11 @@ class Settings(BaseSettings):
     max_latent_abs: float = Field(1e3, gt=0, description="largest |z| accepted by /decode")
     max_temperature: float = Field(10.0, gt=0)
     max_png_scale: int = Field(16, ge=1)
+
+    # Inference and responses (issue 11: admission control, memory, response size)
+    max_inflight_work: int = Field(131072, ge=1, description="work in flight across all endpoints, in rows that "
+                                   "ONNX Runtime computes (padding included; one importance sample is one row); "
+                                   "beyond it requests get 429. A request larger than this runs only alone")
+    max_response_pixels: int = Field(2048 * 2048, ge=1, description="largest PNG answered (width x height after "
+                                     "scaling); larger requests get 413")
+    postprocess_workers: int = Field(2, ge=1, le=64, description="threads encoding large responses (PNG, JSON)")
