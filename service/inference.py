@@ -62,6 +62,8 @@ async def admit(request: Request, model: LoadedModel, cost: int, work: Callable[
     except QueueFullError as e:
         raise ProblemError(429, "Too many requests", f"{e}; retry later", slug="queue-full",
                            headers={"Retry-After": str(settings.retry_after_s)}) from e
+    finally:
+        runtime.trimmer.after(cost)
 
 
 async def run(request: Request, model: LoadedModel, role: str, inputs: dict[str, np.ndarray], post_fn=None):

@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.admission import WorkBudget
+from service.memory import Trimmer
 from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, Offload
 from service.repository import ModelCard, ModelRepositoryError, discover_models
@@ -63,6 +64,7 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting on a shared CPU
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = settings.ort_cpu_arena
     return so
 
 
@@ -341,6 +343,7 @@ class Runtime:
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="ort")
         self.budget = WorkBudget(settings.max_inflight_work, settings.retry_after_s, metrics)
         self.offload = Offload(settings.postprocess_workers, INLINE_VALUES)
+        self.trimmer = Trimmer(self.offload.executor, settings.trim_after_work)
 
     # -- loading (blocking: called in a thread) ----------------------------------------------------
 
