@@ -40,9 +40,11 @@ class WorkBudget:
                                f"after {self.retry_after_s} s", slug="queue-full",
                                headers={"Retry-After": str(self.retry_after_s)})
         self.in_flight += cost
+        self.metrics.work_in_flight.set(self.in_flight)
 
     def release(self, cost: int) -> None:
         self.in_flight -= cost
+        self.metrics.work_in_flight.set(self.in_flight)
 
 
 async def admitted(request: Request, budget: WorkBudget, cost: int, model: str, work: Callable[[], Awaitable[T]],
