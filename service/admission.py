@@ -5,10 +5,11 @@ calls (GraphRunner.padded_rows), or for the bound graph the decoder rows of its 
 BoundPlan.cost). A request is admitted while the work in flight plus its own stays within the budget,
 and answered 429 with Retry-After otherwise; one larger than the whole budget runs only alone.
 
-While a request that is worth watching (its cost above `watch_cost`) waits for its results, its
-connection is watched: when the client goes away, the request is cancelled, and with it every chunk it
-still has queued (the runner drops cancelled items unrun). Cheap requests are not watched: a watcher
-task costs the event loop more than their work.
+While a request that is worth watching (`cancelled_on_disconnect`; service/inference.py watches those
+larger than one merged batch) waits for its results, its connection is watched: when the client goes
+away, the request is cancelled, and with it every chunk it still has queued (the runner drops
+cancelled items unrun). Cheap requests are not watched: a watcher task costs the event loop more
+than their work.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class WorkBudget:
     def __init__(self, capacity: int, retry_after_s: int, metrics: Metrics):
         self.capacity, self.retry_after_s, self.metrics = capacity, retry_after_s, metrics
         self.in_flight = 0
+        metrics.work_in_flight.set_function(lambda: self.in_flight)  # read when /metrics renders, not per request
 
     def acquire(self, cost: int, model: str) -> None:
         if self.in_flight and self.in_flight + cost > self.capacity:
@@ -40,26 +42,12 @@ class WorkBudget:
                                f"after {self.retry_after_s} s", slug="queue-full",
                                headers={"Retry-After": str(self.retry_after_s)})
         self.in_flight += cost
-        self.metrics.work_in_flight.set(self.in_flight)
 
     def release(self, cost: int) -> None:
         self.in_flight -= cost
-        self.metrics.work_in_flight.set(self.in_flight)
 
 
-async def admitted(request: Request, budget: WorkBudget, cost: int, model: str, work: Callable[[], Awaitable[T]],
-                   *, watch_cost: int) -> T:
-    """`await work()` holding `cost` units of `budget`: 429 when over it; cancelled when the client leaves."""
-    budget.acquire(cost, model)
-    try:
-        if cost <= watch_cost:
-            return await work()
-        return await _cancelled_on_disconnect(request, work)
-    finally:
-        budget.release(cost)
-
-
-async def _cancelled_on_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+async def cancelled_on_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T:
     task = asyncio.current_task()
     assert task is not None
     state = {"finished": False, "gone": False}

@@ -438,7 +438,7 @@ async def encode(request: Request) -> Response:
     request.state.batch_size = len(prepared)
     flows = model.card.flows > 0
     try:
-        out = await infer.run(request, model, "encoder", {"x": x}, post.encoder_post(flows))
+        out = await infer.run(request, model, "encoder", {"x": x}, post.ENCODER_POST[flows])
     except post.NonFiniteOutputError as e:
         raise post.non_finite_problem(e, prepared[e.row].source, "the encoder cannot represent this image (the "
                                       "models expect light ink on black: try invert=true)") from e

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from service import postprocess as post
-from service.admission import admitted
+from service.admission import cancelled_on_disconnect
 from service.errors import ProblemError
 from service.runtime import LoadedModel, QueueFullError, Runtime
 from service.settings import Settings
@@ -57,17 +57,38 @@ async def admit(request: Request, model: LoadedModel, cost: int, work: Callable[
     """`work()` admitted under the shared work budget (service/admission.py); 429 when the budget or a queue is full."""
     runtime: Runtime = request.app.state.runtime
     settings: Settings = request.app.state.settings
+    runtime.budget.acquire(cost, model.name)
     try:
-        return await admitted(request, runtime.budget, cost, model.name, work, watch_cost=settings.max_batch_size)
+        if cost <= settings.max_batch_size:  # not worth a watcher task: see service/admission.py
+            return await work()
+        return await cancelled_on_disconnect(request, work)
     except QueueFullError as e:
-        raise ProblemError(429, "Too many requests", f"{e}; retry later", slug="queue-full",
-                           headers={"Retry-After": str(settings.retry_after_s)}) from e
+        raise _queue_full(e, settings) from e
     finally:
+        runtime.budget.release(cost)
         runtime.trimmer.after(cost)
 
 
 async def run(request: Request, model: LoadedModel, role: str, inputs: dict[str, np.ndarray], post_fn=None):
-    """`role`'s outputs for `inputs` (or post_fn(outputs), computed in the inference thread), admitted."""
+    """`role`'s outputs for `inputs` (or post_fn(outputs), computed in the inference thread), admitted.
+
+    `admit` written out for the common case: each coroutine layer costs the event loop on every request.
+    """
     runner = model.runners[role]
     cost = runner.padded_rows(len(next(iter(inputs.values()))))
-    return await admit(request, model, cost, lambda: runner.run(inputs, post=post_fn))
+    runtime: Runtime = request.app.state.runtime
+    settings: Settings = request.app.state.settings
+    if cost > settings.max_batch_size:
+        return await admit(request, model, cost, lambda: runner.run(inputs, post=post_fn))
+    runtime.budget.acquire(cost, model.name)
+    try:
+        return await runner.run(inputs, post=post_fn)
+    except QueueFullError as e:
+        raise _queue_full(e, settings) from e
+    finally:
+        runtime.budget.release(cost)
+
+
+def _queue_full(e: QueueFullError, settings: Settings) -> ProblemError:
+    return ProblemError(429, "Too many requests", f"{e}; retry later", slug="queue-full",
+                        headers={"Retry-After": str(settings.retry_after_s)})

@@ -84,6 +84,9 @@ def encoder_post(flows: bool) -> Callable[[dict[str, np.ndarray]], dict[str, np.
     return post
 
 
+ENCODER_POST = {False: encoder_post(False), True: encoder_post(True)}  # by "has flows"
+
+
 def decoder_post(shape: tuple[int, int]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     """The decoder's `post`: x_mean finite, clipped to [0, 1], as [n, H, W]."""
 
