@@ -154,10 +154,10 @@ _ERRORS = {
     400: "Malformed request (multipart syntax, Content-Length)",
     401: "API key missing or wrong (when the service has one)",
     404: "Unknown model",
-    413: "Body, image or request too large",
+    413: "Body, image, request or response image too large",
     415: "Unsupported media type (request body or image format)",
     422: "Invalid input: says what was expected",
-    429: "Queue full: retry after the Retry-After header's seconds",
+    429: "Busy (work budget or queue full): retry after the Retry-After header's seconds",
     503: "Models not loaded yet",
 }
 
@@ -451,8 +451,10 @@ async def encode(request: Request) -> Response:
             if q.flow_params:
                 r["flow"] = {"u": out["flow_u"][i], "w": out["flow_w"][i], "b": out["flow_b"][i]}
         results.append(r)
-    return json_response({"model": model.name, "kind": model.card.kind, "latent_dim": model.card.latent_dim,
-                          "inverted": q.invert, "results": results})
+    size = len(results) * sum(out[k][0].size for k in out)  # the numbers answered, at most
+    return await request.app.state.runtime.offload.json({
+        "model": model.name, "kind": model.card.kind, "latent_dim": model.card.latent_dim, "inverted": q.invert,
+        "results": results}, size)
 
 
 @inference.post("/decode", response_model=ImagesResponse, tags=["inference"],
@@ -495,7 +497,7 @@ async def decode(request: Request) -> Response:
 
 @inference.get("/sample", response_model=SampleResponse, tags=["inference"],
             responses={200: {**_PNG_OR_JSON, "description": "a PNG grid (default) or JSON"},
-                       **_errors(401, 404, 422, 429, 503)},
+                       **_errors(401, 404, 413, 422, 429, 503)},
             openapi_extra=_query_openapi(SampleQuery), summary="samples from the prior through the decoder")
 async def sample(request: Request) -> Response:
     """`n` images E[x | z] with z = temperature * N(0, I) drawn by `numpy.random.default_rng(seed)`.

@@ -12,7 +12,12 @@ PPCA's log-likelihood) vectorize differently depending on the batch length or a 
 changes a row's result in the last bits. So every ONNX Runtime call has the same number of rows
 (`batch_pad_multiple`, zero-padded; a merged batch is several such calls within one worker turn), and at
 warm-up each graph is probed: if a row's result still depends on its neighbours, that graph runs one
-row per call. Either way a row's result depends only on the row itself (checked by the tests).
+row per call. Either way a row's result depends only on the row itself (checked by the tests). The bound
+graph's rows are big (an image with a slice of its samples: service/bound.py), so it always runs one
+row per call and pads nothing.
+
+Each request can hand the runner a `post` function that runs on its own outputs in the inference
+thread (service/postprocess.py): merging, slicing and post-processing never run on the event loop.
 """
 
 from __future__ import annotations
