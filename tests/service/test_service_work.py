@@ -18,6 +18,8 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from svc_helpers import run_async, settings_for, start_server
 
 from service import bound
@@ -307,3 +309,47 @@ def test_non_finite_output_is_a_problem_not_null(model_repo, need, tmp_path):
         assert "Traceback" not in server.log()
     finally:
         server.stop()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_outputs_never_hold_null(live, model_repo, data):
+    """Whatever valid input a model gets, its answer holds numbers (or is a 422 that says why), never null."""
+    names = sorted(p.name for p in model_repo.iterdir() if (p / "card.json").is_file())
+    name = data.draw(st.sampled_from(names))
+    card = json.loads((model_repo / name / "card.json").read_text())
+    d, D = card["latent_dim"], card["data_dim"]
+    pixels = st.lists(st.floats(0, 1), min_size=D, max_size=D)
+    endpoint = data.draw(st.sampled_from(["encode", "decode", "log-likelihood"]))
+    if endpoint == "decode":
+        z = data.draw(st.lists(st.lists(st.floats(-1e3, 1e3), min_size=d, max_size=d), min_size=1, max_size=3))
+        r = httpx.post(f"{live.url}/decode?model={name}&format=json", json={"z": z}, timeout=30)
+    else:
+        images = data.draw(st.lists(pixels, min_size=1, max_size=3))
+        query = f"model={name}&flow_params=true" if endpoint == "encode" else \
+            f"model={name}&samples={data.draw(st.integers(1, 40))}&binarize={data.draw(st.booleans())}".lower()
+        r = httpx.post(f"{live.url}/{endpoint}?{query}", json={"images": images}, timeout=30)
+    assert r.status_code in (200, 422), r.text
+    if r.status_code == 200:
+        _assert_no_null_numbers(r.json())
+    if r.status_code == 422:
+        assert r.json()["type"] == "/problems/non-finite-result"
+
+
+def _assert_no_null_numbers(body) -> None:
+    """No null inside any array, and every result's figures are numbers (null is legal only for absent fields)."""
+
+    def walk(v):
+        if isinstance(v, list):
+            for item in v:
+                assert item is not None, "null in an array"
+                walk(item)
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item)
+
+    walk(body)
+    for result in body.get("results", []):
+        for key in ("mean", "log_var", "log_likelihood", "elbo", "iw_bound"):
+            if key in result:
+                assert isinstance(result[key], (int, float, list)), (key, result[key])
