@@ -578,8 +578,8 @@ async def log_likelihood(request: Request) -> Response:
         plan = bound.plan(N, S, settings.bound_chunk_rows)
         try:
             elbo, iw = await infer.admit(request, model, plan.cost, lambda: bound.evaluate(
-                model.runners["bound"], x, S, seed, card.latent_dim, max_rows=settings.bound_chunk_rows,
-                window=settings.inference_workers, offload=runtime.offload))
+                model.runners["bound"], x, plan, seed, card.latent_dim, window=settings.inference_workers,
+                offload=runtime.offload))
         except post.NonFiniteOutputError as e:
             raise post.non_finite_problem(e, prepared[e.row].source, advice) from e
         ll = iw

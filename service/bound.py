@@ -82,15 +82,14 @@ def reducer(p: BoundPlan, first: int) -> Callable[[dict[str, np.ndarray]], tuple
     return post
 
 
-async def evaluate(runner: GraphRunner, x: np.ndarray, samples: int, seed: int, latent_dim: int, *,
-                   max_rows: int, window: int, offload: Offload) -> tuple[np.ndarray, np.ndarray]:
-    """(ELBO [N], IW bound [N]) for images `x` [N, D], float64.
+async def evaluate(runner: GraphRunner, x: np.ndarray, p: BoundPlan, seed: int, latent_dim: int, *, window: int,
+                   offload: Offload) -> tuple[np.ndarray, np.ndarray]:
+    """(ELBO [N], IW bound [N]) for images `x` [N, D] as planned by `p` (`plan(N, S, max_rows)`), float64.
 
     Chunks are prepared (eps drawn) one after another and at most `window` of them are queued or running
     at once. When one fails (429 from the queue, a non-finite result) or the caller is cancelled (its
     client went away), the chunks still queued are cancelled: the runner drops them unrun.
     """
-    p = plan(len(x), samples, max_rows)
     rng = np.random.default_rng(seed)
     starts = list(range(0, p.images, p.images_per_chunk))
     results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(starts)
@@ -102,7 +101,7 @@ async def evaluate(runner: GraphRunner, x: np.ndarray, samples: int, seed: int, 
     try:
         for c, first in enumerate(starts):
             xs = x[first:first + p.images_per_chunk]
-            feeds = await offload.run(len(xs) * samples * latent_dim, make_feeds, p, rng, xs, latent_dim)
+            feeds = await offload.run(len(xs) * p.samples * latent_dim, make_feeds, p, rng, xs, latent_dim)
             while len(pending) >= window:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 _raise_first(done)

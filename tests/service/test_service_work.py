@@ -153,7 +153,7 @@ def test_a_failed_chunk_cancels_its_queued_siblings():
     async def go():
         offload = Offload(1, INLINE_VALUES)
         try:
-            await bound.evaluate(Runner(), np.zeros((6, 4), np.float32), 10, 0, 2, max_rows=10, window=3,
+            await bound.evaluate(Runner(), np.zeros((6, 4), np.float32), bound.plan(6, 10, 10), 0, 2, window=3,
                                  offload=offload)
         finally:
             offload.shutdown()
