@@ -103,6 +103,12 @@ class GraphRunner:
         # of its calls is one row: nothing to pad, and a row's result cannot depend on neighbours it has none of.
         self.pad = 1 if role == "bound" else settings.batch_pad_multiple
         self.rows_per_call = self.pad
+        self._run_options = None
+        if role == "bound" and settings.ort_cpu_arena:
+            # Its calls are the large ones: hand their memory back to malloc after each (then malloc_trim,
+            # service/memory.py), while the small calls of the other graphs keep the arena's speed.
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._queue: asyncio.Queue[_Item] | None = None
         self._carry: deque[_Item] = deque()
         self._workers: list[asyncio.Task] = []
@@ -136,9 +142,9 @@ class GraphRunner:
         if padded != n:
             feeds = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
         if padded == P:
-            outs = self.session.run(self.output_names, feeds)
+            outs = self.session.run(self.output_names, feeds, self._run_options)
         else:
-            parts = [self.session.run(self.output_names, {k: v[i:i + P] for k, v in feeds.items()})
+            parts = [self.session.run(self.output_names, {k: v[i:i + P] for k, v in feeds.items()}, self._run_options)
                      for i in range(0, padded, P)]
             outs = [np.concatenate(o) for o in zip(*parts, strict=True)]
         return ([o[:n] for o in outs] if padded != n else outs), padded // P

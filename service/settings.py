@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     max_response_pixels: int = Field(2048 * 2048, ge=1, description="largest PNG answered (width x height after "
                                      "scaling); larger requests get 413")
     postprocess_workers: int = Field(2, ge=1, le=64, description="threads encoding large responses (PNG, JSON)")
-    ort_cpu_arena: bool = Field(False, description="ONNX Runtime's CPU memory arena: it keeps the largest request's "
-                                "memory for good; without it, memory goes back to malloc (see trim_after_work)")
+    ort_cpu_arena: bool = Field(True, description="ONNX Runtime's CPU memory arena (faster small calls); the bound "
+                                "graph's calls, the large ones, hand their memory back to it after each call")
     trim_after_work: int = Field(4096, ge=0, description="after a request of at least this much work (rows), give "
                                  "free memory back to the system (glibc malloc_trim); 0: never")

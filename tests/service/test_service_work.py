@@ -40,13 +40,13 @@ class CountingSession:
     def __init__(self, session, gate: threading.Event | None = None):
         self.session, self.gate, self.shapes, self.calls = session, gate, [], 0
 
-    def run(self, names, feeds):
+    def run(self, names, feeds, *options):
         if self.gate is not None:
             self.gate.wait(30)
         self.calls += 1
         if "eps" in feeds:
             self.shapes.append(feeds["eps"].shape)
-        return self.session.run(names, feeds)
+        return self.session.run(names, feeds, *options)
 
     def __getattr__(self, name):
         return getattr(self.session, name)
