@@ -25,13 +25,15 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from service import images as img
+from service import bound
+from service import inference as infer
+from service import postprocess as post
 from service.api_schema import _BODY_SCHEMAS, _DECODE_BODY, _IMAGE_BODY, _query_openapi, openapi_limits
 from service.errors import PROBLEM_MEDIA_TYPE, ProblemError, install_error_handlers, problem_response
 from service.inputs import _check_count, read_images, read_json, read_query
 from service.metrics import Metrics
 from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
-from service.runtime import LoadedModel, QueueFullError, Runtime
+from service.runtime import LoadedModel, Runtime
 from service.schemas import (
     DecodeQuery,
     DecodeRequest,
@@ -124,10 +126,10 @@ _ERRORS = {
     400: "Malformed request (multipart syntax, Content-Length)",
     401: "API key missing or wrong (when the service has one)",
     404: "Unknown model",
-    413: "Body, image or request too large",
+    413: "Body, image, request or response image too large",
     415: "Unsupported media type (request body or image format)",
     422: "Invalid input: says what was expected",
-    429: "Queue full: retry after the Retry-After header's seconds",
+    429: "Busy (work budget or queue full): retry after the Retry-After header's seconds",
     503: "Models not loaded yet",
 }
 
@@ -171,43 +173,6 @@ def _openapi(app: FastAPI) -> dict:
     return schema
 
 
-def _wants_png(request: Request, fmt: str | None, default: str) -> bool:
-    if fmt is not None:
-        return fmt == "png"
-    accept = request.headers.get("accept", "")
-    if "image/png" in accept or "image/*" in accept:
-        return True
-    if "application/json" in accept:
-        return False
-    return default == "png"
-
-
-def _image_response(request: Request, model: LoadedModel, x: np.ndarray, fmt: str | None, default: str,
-                    scale: int, settings: Settings, extra: dict | None = None) -> Response:
-    H, W = model.card.image_shape
-    x = np.clip(x, 0.0, 1.0).reshape(-1, H, W)
-    if _wants_png(request, fmt, default):
-        if scale > settings.max_png_scale:
-            raise ProblemError(422, "Invalid scale", f"scale must be <= {settings.max_png_scale}, got {scale}",
-                               slug="invalid-parameter")
-        return Response(img.png_grid(x, scale=scale), media_type="image/png")
-    return json_response({"model": model.name, "image_shape": [H, W], "images": x, **(extra or {})})
-
-
-async def _run(runner, inputs: dict[str, np.ndarray], settings: Settings, cost: int | None = None):
-    try:
-        return await runner.run(inputs, cost)
-    except QueueFullError as e:
-        raise ProblemError(429, "Too many requests", f"{e}; retry later", slug="queue-full",
-                           headers={"Retry-After": str(settings.retry_after_s)}) from e
-
-
-def _flow(z: np.ndarray, u: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """z_K = f_K(...f_1(z)), f_k(z) = z + u_k tanh(w_k^T z + b_k) (models/README.md), row by row."""
-    for k in range(u.shape[1]):
-        a = np.einsum("nd,nd->n", w[:, k], z) + b[:, k]
-        z = z + u[:, k] * np.tanh(a)[:, None]
-    return z
 
 
 def _bits_per_dim(card, ll: float, binarized: bool) -> tuple[float | None, str | None]:
@@ -309,20 +274,28 @@ async def encode(request: Request) -> Response:
     prepared = await read_images(request, settings, model, q.invert)
     x = np.stack([p.x for p in prepared])
     request.state.batch_size = len(prepared)
-    out = await _run(model.runners["encoder"], {"x": x}, settings)
     flows = model.card.flows > 0
-    zk = _flow(out["mean"], out["flow_u"], out["flow_w"], out["flow_b"]) if flows else None
+    try:
+        out = await infer.run(request, model, "encoder", {"x": x}, post.ENCODER_POST[flows])
+    except post.NonFiniteOutputError as e:
+        raise post.non_finite_problem(e, prepared[e.row].source, "the encoder cannot represent this image (the "
+                                      "models expect light ink on black: try invert=true)") from e
     results = []
     for i, p in enumerate(prepared):
         r = {"source": p.source, "original_shape": p.original_shape, "resized": p.resized,
              "mean": out["mean"][i], "log_var": out["log_var"][i], "z_k": None, "flow": None}
         if flows:
-            r["z_k"] = zk[i]
+            r["z_k"] = out["z_k"][i]
             if q.flow_params:
                 r["flow"] = {"u": out["flow_u"][i], "w": out["flow_w"][i], "b": out["flow_b"][i]}
         results.append(r)
-    return json_response({"model": model.name, "kind": model.card.kind, "latent_dim": model.card.latent_dim,
-                          "inverted": q.invert, "results": results})
+    content = {"model": model.name, "kind": model.card.kind, "latent_dim": model.card.latent_dim,
+               "inverted": q.invert, "results": results}
+    d, K = model.card.latent_dim, model.card.flows
+    size = len(results) * (3 * d + (K * (2 * d + 1) if q.flow_params else 0))  # numbers answered
+    if size > post.INLINE_VALUES:  # off the loop; the common small answer skips the detour
+        return await request.app.state.runtime.offload.json(content, size)
+    return json_response(content)
 
 
 @inference.post("/decode", response_model=ImagesResponse, tags=["inference"],
@@ -354,13 +327,19 @@ async def decode(request: Request) -> Response:
         raise ProblemError(422, "Invalid latent values", f"|z| must be <= {settings.max_latent_abs:g} (the prior "
                            f"is N(0, I)), got {np.abs(z).max():.4g}", slug="invalid-latent-values")
     request.state.batch_size = len(z)
-    out = await _run(model.runners["decoder"], {"z": z.astype(np.float32)}, settings)
-    return _image_response(request, model, out["x_mean"], q.format, "json", q.scale, settings)
+    png = infer.png_checked(request, model, q.format, "json", len(z), q.scale, settings)
+    try:
+        x = await infer.run(request, model, "decoder", {"z": z.astype(np.float32)},
+                            post.decoder_post(model.card.image_shape))
+    except post.NonFiniteOutputError as e:
+        raise post.non_finite_problem(e, f"z[{e.row}]", f"use a code closer to the prior N(0, I) (this one has |z| "
+                                      f"up to {np.abs(z[e.row]).max():.4g})") from e
+    return await infer.image_response(request, model, x, png, q.scale)
 
 
 @inference.get("/sample", response_model=SampleResponse, tags=["inference"],
             responses={200: {**_PNG_OR_JSON, "description": "a PNG grid (default) or JSON"},
-                       **_errors(401, 404, 422, 429, 503)},
+                       **_errors(401, 404, 413, 422, 429, 503)},
             openapi_extra=_query_openapi(SampleQuery), summary="samples from the prior through the decoder")
 async def sample(request: Request) -> Response:
     """`n` images E[x | z] with z = temperature * N(0, I) drawn by `numpy.random.default_rng(seed)`.
@@ -371,19 +350,18 @@ async def sample(request: Request) -> Response:
     q = read_query(request, SampleQuery)
     model = resolve_model(request, q.model)
     settings: Settings = request.app.state.settings
-    n, temperature = q.n, q.temperature
-    if n > settings.max_samples:
-        raise ProblemError(422, "Too many samples", f"n must be <= {settings.max_samples}, got {n}",
-                           slug="invalid-parameter")
-    if temperature > settings.max_temperature:
-        raise ProblemError(422, "Invalid temperature", f"temperature must be in [0, {settings.max_temperature:g}],"
-                           f" got {temperature:g}", slug="invalid-parameter")
+    n, temperature = q.n, q.temperature  # within the service's limits (read_query)
     seed = secrets.randbits(63) if q.seed is None else q.seed
     z = (temperature * np.random.default_rng(seed).standard_normal((n, model.card.latent_dim))).astype(np.float32)
     request.state.batch_size = n
-    out = await _run(model.runners["decoder"], {"z": z}, settings)
-    return _image_response(request, model, out["x_mean"], q.format, "png", q.scale, settings,
-                           {"seed": seed, "temperature": temperature, "z": z})
+    png = infer.png_checked(request, model, q.format, "png", n, q.scale, settings)
+    try:
+        x = await infer.run(request, model, "decoder", {"z": z}, post.decoder_post(model.card.image_shape))
+    except post.NonFiniteOutputError as e:
+        raise post.non_finite_problem(e, f"sample {e.row} (seed {seed})", f"lower the temperature (now "
+                                      f"{temperature:g})") from e
+    return await infer.image_response(request, model, x, png, q.scale,
+                                      {"seed": seed, "temperature": temperature, "z": z})
 
 
 @inference.post("/log-likelihood", response_model=LogLikelihoodResponse, tags=["inference"],
@@ -410,28 +388,33 @@ async def log_likelihood(request: Request) -> Response:
     binarized = card.likelihood == "bernoulli" and q.binarize
     if binarized:
         x = (x >= 0.5).astype(np.float32)
+    advice = ("the model gives this image no finite log-likelihood" + (": evaluate it binarized (binarize=true)"
+              if card.likelihood == "bernoulli" and not binarized else "; check that it is light ink on black "
+              "(invert=true otherwise)"))
     if card.kind == "ppca":
-        out = await _run(model.runners["loglik"], {"x": x}, settings)
+        try:
+            out = await infer.run(request, model, "loglik", {"x": x}, post.finite_post(["log_px"]))
+        except post.NonFiniteOutputError as e:
+            raise post.non_finite_problem(e, prepared[e.row].source, advice) from e
         ll = out["log_px"].astype(np.float64)
         elbo = iw = ll
         S, seed = None, None
     else:
-        S = n_samples = q.samples or settings.default_importance_samples
-        if n_samples > settings.max_importance_samples:
-            raise ProblemError(422, "Too many samples", f"samples must be <= {settings.max_importance_samples}, "
-                               f"got {S}", slug="invalid-parameter")
+        S = q.samples or settings.default_importance_samples  # at most max_importance_samples (read_query)
         work = N * S
         if work > settings.max_images * settings.max_importance_samples // 4:
             raise ProblemError(413, "Too much work", f"{N} images x {S} samples = {N * S} evaluations; the limit "
                                f"is {settings.max_images * settings.max_importance_samples // 4}: send fewer images "
                                "or samples", slug="too-much-work")
         seed = secrets.randbits(63) if q.seed is None else q.seed
-        eps = np.random.default_rng(seed).standard_normal((N, S, card.latent_dim), dtype=np.float32)
-        log_w = await _bound(model, x, eps, settings)
-        lw = log_w.astype(np.float64)
-        elbo = lw.mean(axis=1)
-        m = lw.max(axis=1, keepdims=True)
-        iw = (m[:, 0] + np.log(np.exp(lw - m).sum(axis=1))) - math.log(S)
+        runtime: Runtime = request.app.state.runtime
+        plan = bound.plan(N, S, settings.bound_chunk_rows)
+        try:
+            elbo, iw = await infer.admit(request, model, plan.cost, lambda: bound.evaluate(
+                model.runners["bound"], x, plan, seed, card.latent_dim, window=settings.inference_workers,
+                offload=runtime.offload))
+        except post.NonFiniteOutputError as e:
+            raise post.non_finite_problem(e, prepared[e.row].source, advice) from e
         ll = iw
     note = None
     results = []
@@ -443,24 +426,6 @@ async def log_likelihood(request: Request) -> Response:
     return json_response({"model": model.name, "kind": card.kind, "likelihood": card.likelihood, "samples": S,
                           "seed": seed, "binarized": binarized, "binarization": BINARIZATION if binarized else None,
                           "bits_per_dim_note": note, "results": results})
-
-
-async def _bound(model: LoadedModel, x: np.ndarray, eps: np.ndarray, settings: Settings) -> np.ndarray:
-    """log_w [N, S] from the bound graph in calls of at most bound_chunk_rows rows (images x samples)."""
-    runner = model.runners["bound"]
-    N, S, _ = eps.shape
-    rows = settings.bound_chunk_rows
-    if rows >= S:
-        per = max(1, rows // S)
-        parts = await asyncio.gather(*(_run(runner, {"x": x[i:i + per], "eps": eps[i:i + per]}, settings,
-                                            cost=len(x[i:i + per]) * S) for i in range(0, N, per)))
-        return np.concatenate([p["log_w"] for p in parts])
-    out = []
-    for i in range(N):
-        parts = await asyncio.gather(*(_run(runner, {"x": x[i:i + 1], "eps": eps[i:i + 1, j:j + rows]}, settings,
-                                            cost=len(eps[0, j:j + rows])) for j in range(0, S, rows)))
-        out.append(np.concatenate([p["log_w"] for p in parts], axis=1))
-    return np.concatenate(out)
 
 
 # ------------------------------------------------------------------------------------------------

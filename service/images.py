@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import struct
 import warnings
 import zlib
@@ -316,23 +317,32 @@ def json_image(values: list, shape: tuple[int, int], index: int) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def png_grid(images: np.ndarray, *, scale: int = 1, ncols: int | None = None, pad: int = 1) -> bytes:
+def grid_shape(n: int, H: int, W: int, pad: int = 1) -> tuple[int, int]:
+    """(height, width) of `png_grid`'s canvas for n images of H x W, before scaling."""
+    if n == 1:
+        return H, W
+    ncols = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
+    nrows = -(-n // ncols)
+    return nrows * (H + pad) + pad, ncols * (W + pad) + pad
+
+
+def png_grid(images: np.ndarray, *, scale: int = 1, pad: int = 1) -> bytes:
     """[n, H, W] in [0, 1] -> PNG bytes: one image, or a grid with `pad`-pixel gray separators."""
     images = np.clip(np.nan_to_num(images, nan=0.0), 0.0, 1.0)
     n, H, W = images.shape
     if n == 1:
         canvas = images[0]
     else:
-        ncols = ncols or int(np.ceil(np.sqrt(n)))
-        nrows = int(np.ceil(n / ncols))
-        canvas = np.full((nrows * (H + pad) + pad, ncols * (W + pad) + pad), 0.5, dtype=np.float32)
+        rows, cols = grid_shape(n, H, W, pad)
+        ncols = (cols - pad) // (W + pad)
+        canvas = np.full((rows, cols), 0.5, dtype=np.float32)
         for i in range(n):
             r, c = divmod(i, ncols)
             top, left = pad + r * (H + pad), pad + c * (W + pad)
             canvas[top:top + H, left:left + W] = images[i]
     u8 = np.round(canvas * 255.0).astype(np.uint8)
     if scale > 1:
-        u8 = np.kron(u8, np.ones((scale, scale), dtype=np.uint8))
+        u8 = np.repeat(np.repeat(u8, scale, axis=0), scale, axis=1)
     buf = io.BytesIO()
     Image.fromarray(u8, mode="L").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -34,6 +34,8 @@ class Metrics:
         self.rejected = Counter("latentserve_queue_rejected", "requests refused with 429 (queue full)",
                                 ["model", "graph"], registry=r)
         self.models_loaded = Gauge("latentserve_models_loaded", "models loaded and warmed up", registry=r)
+        self.work_in_flight = Gauge("latentserve_work_in_flight", "rows of admitted work not yet answered, all "
+                                    "endpoints together (the admission budget's use)", registry=r)
         self.models_broken = Gauge("latentserve_models_broken", "model folders skipped as broken", registry=r)
 
     def render(self) -> bytes:

@@ -12,7 +12,12 @@ PPCA's log-likelihood) vectorize differently depending on the batch length or a 
 changes a row's result in the last bits. So every ONNX Runtime call has the same number of rows
 (`batch_pad_multiple`, zero-padded; a merged batch is several such calls within one worker turn), and at
 warm-up each graph is probed: if a row's result still depends on its neighbours, that graph runs one
-row per call. Either way a row's result depends only on the row itself (checked by the tests).
+row per call. Either way a row's result depends only on the row itself (checked by the tests). The bound
+graph's rows are big (an image with a slice of its samples: service/bound.py), so it always runs one
+row per call and pads nothing.
+
+Each request can hand the runner a `post` function that runs on its own outputs in the inference
+thread (service/postprocess.py): merging, slicing and post-processing never run on the event loop.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from service.admission import WorkBudget
+from service.memory import Trimmer
 from service.metrics import Metrics
+from service.postprocess import INLINE_VALUES, Offload
 from service.repository import ModelCard, ModelRepositoryError, discover_models
 from service.settings import PREFERRED_DEFAULTS, Settings
 
@@ -59,6 +69,7 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting on a shared CPU
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = settings.ort_cpu_arena
     return so
 
 
@@ -69,11 +80,17 @@ class _Item:
     cost: int
     key: tuple
     future: asyncio.Future
+    post: Callable[[dict[str, np.ndarray]], Any] | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 class GraphRunner:
-    """One ONNX Runtime session and, with batching on, its queue and worker tasks."""
+    """One ONNX Runtime session and, with batching on, its queue and worker tasks.
+
+    A request may hand `run` a `post` function: it gets the request's own outputs (name -> rows) and
+    runs in the inference thread right after the call, so that request-dependent numpy work (the
+    planar flow, the bound's reductions) never runs on the event loop.
+    """
 
     def __init__(self, model: str, role: str, session: ort.InferenceSession, *, settings: Settings,
                  executor: ThreadPoolExecutor, metrics: Metrics, max_cost: int):
@@ -82,8 +99,16 @@ class GraphRunner:
         self.output_names = [o.name for o in session.get_outputs()]
         self.settings, self.executor, self.metrics = settings, executor, metrics
         self.max_cost = max_cost
-        self.pad = settings.batch_pad_multiple
+        # The bound graph's rows are big (one image with a slice of its samples: service/bound.py), so each
+        # of its calls is one row: nothing to pad, and a row's result cannot depend on neighbours it has none of.
+        self.pad = 1 if role == "bound" else settings.batch_pad_multiple
         self.rows_per_call = self.pad
+        self._run_options = None
+        if role == "bound" and settings.ort_cpu_arena:
+            # Its calls are the large ones: hand their memory back to malloc after each (then malloc_trim,
+            # service/memory.py), while the small calls of the other graphs keep the arena's speed.
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._queue: asyncio.Queue[_Item] | None = None
         self._carry: deque[_Item] = deque()
         self._workers: list[asyncio.Task] = []
@@ -95,6 +120,10 @@ class GraphRunner:
         self._m_queue = metrics.queue_time.labels(**self._labels)
         self._m_infer = metrics.inference_time.labels(**self._labels)
         self._m_depth = metrics.queue_depth.labels(**self._labels)
+
+    def padded_rows(self, n: int) -> int:
+        """Rows that ONNX Runtime computes for a request of `n` rows run alone (padding included)."""
+        return -(-n // self.rows_per_call) * self.rows_per_call
 
     # -- synchronous core (runs in the thread pool) ------------------------------------------------
 
@@ -113,12 +142,28 @@ class GraphRunner:
         if padded != n:
             feeds = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
         if padded == P:
-            outs = self.session.run(self.output_names, feeds)
+            outs = self.session.run(self.output_names, feeds, self._run_options)
         else:
-            parts = [self.session.run(self.output_names, {k: v[i:i + P] for k, v in feeds.items()})
+            parts = [self.session.run(self.output_names, {k: v[i:i + P] for k, v in feeds.items()}, self._run_options)
                      for i in range(0, padded, P)]
             outs = [np.concatenate(o) for o in zip(*parts, strict=True)]
         return ([o[:n] for o in outs] if padded != n else outs), padded // P
+
+    def _run_items(self, items: list[_Item]) -> list[tuple[bool, Any]]:
+        """Run `items` as one merged call; per item (ok, its post(outputs) or its outputs, or its error)."""
+        if len(items) == 1:
+            merged = self.run_sync(items[0].inputs)
+        else:
+            merged = self.run_sync({k: np.concatenate([it.inputs[k] for it in items]) for k in items[0].inputs})
+        results, start = [], 0
+        for it in items:
+            out = dict(zip(self.output_names, (o[start:start + it.n] for o in merged), strict=True))
+            start += it.n
+            try:
+                results.append((True, it.post(out) if it.post is not None else out))
+            except Exception as e:  # noqa: BLE001 - that request's own failure, handed to it
+                results.append((False, e))
+        return results
 
     def probe_rows_per_call(self, example: dict[str, np.ndarray]) -> int:
         """The largest call size (of `pad`, 1) at which a row's result does not depend on its neighbours.
@@ -143,10 +188,17 @@ class GraphRunner:
 
     # -- async API ---------------------------------------------------------------------------------
 
-    async def run(self, inputs: dict[str, np.ndarray], cost: int | None = None) -> dict[str, np.ndarray]:
-        """Outputs by name for `inputs` (float32, batch axis 0); merged with concurrent calls when batching."""
+    async def run(self, inputs: dict[str, np.ndarray], cost: int | None = None,
+                  post: Callable[[dict[str, np.ndarray]], Any] | None = None) -> Any:
+        """Outputs by name for `inputs` (float32, batch axis 0), or `post(outputs)` when given.
+
+        Merged with concurrent calls when batching. Cancelling the caller drops its item if it has not
+        run yet (a failed sibling chunk, a client that went away): a worker skips cancelled items.
+        """
         n = next(iter(inputs.values())).shape[0]
         loop = asyncio.get_running_loop()
+        key = tuple((k, v.shape[1:]) for k, v in inputs.items())
+        item = _Item(inputs, n, cost or n, key, loop.create_future(), post)
         if self._queue is None:  # batching off: one call per request, still bounded
             if self._inflight >= self.settings.max_queue_size:
                 self.metrics.rejected.labels(**self._labels).inc()
@@ -154,19 +206,18 @@ class GraphRunner:
             self._inflight += 1
             try:
                 self._m_reqs.observe(1)
-                out = await loop.run_in_executor(self.executor, self.run_sync, inputs)
+                [(ok, value)] = await loop.run_in_executor(self.executor, self._run_items, [item])
             finally:
                 self._inflight -= 1
-            return dict(zip(self.output_names, out, strict=True))
+            if not ok:
+                raise value
+            return value
         if self._queue.qsize() + len(self._carry) >= self.settings.max_queue_size:
             self.metrics.rejected.labels(**self._labels).inc()
             raise QueueFullError(self.model, self.role, self._queue.qsize())
-        key = tuple((k, v.shape[1:]) for k, v in inputs.items())
-        item = _Item(inputs, n, cost or n, key, loop.create_future())
         self._queue.put_nowait(item)
         self._m_depth.inc()
-        out = await item.future
-        return dict(zip(self.output_names, out, strict=True))
+        return await item.future
 
     def start(self, workers: int) -> None:
         self._queue = asyncio.Queue()
@@ -182,6 +233,14 @@ class GraphRunner:
         self._workers = []
 
     async def _next(self, timeout: float | None) -> _Item | None:
+        """The next item still wanted (items whose caller was cancelled are dropped here, unrun)."""
+        while True:
+            item = await self._next_any(timeout)
+            if item is None or not item.future.done():
+                return item
+            self._m_depth.dec()
+
+    async def _next_any(self, timeout: float | None) -> _Item | None:
         if self._carry:
             return self._carry.popleft()
         assert self._queue is not None
@@ -229,45 +288,39 @@ class GraphRunner:
             batch = await self._collect()
             now = time.perf_counter()
             self._m_depth.dec(len(batch))
-            batch = [it for it in batch if not it.future.done()]  # the client went away
+            batch = [it for it in batch if not it.future.done()]  # the caller went away meanwhile
             if not batch:
                 continue
             for it in batch:
                 self._m_queue.observe(now - it.enqueued)
             self._m_reqs.observe(len(batch))
             try:
-                if len(batch) == 1:
-                    outs = [await loop.run_in_executor(self.executor, self.run_sync, batch[0].inputs)]
-                else:
-                    feeds = {k: np.concatenate([it.inputs[k] for it in batch]) for k in batch[0].inputs}
-                    merged = await loop.run_in_executor(self.executor, self.run_sync, feeds)
-                    outs, start = [], 0
+                try:
+                    results = await loop.run_in_executor(self.executor, self._run_items, batch)
+                except Exception:
+                    if len(batch) == 1:
+                        raise
+                    # Per-request isolation: rerun each request alone; only the failing ones fail.
+                    results = []
                     for it in batch:
-                        outs.append([o[start:start + it.n] for o in merged])
-                        start += it.n
-                for it, out in zip(batch, outs, strict=True):
-                    if not it.future.done():
-                        it.future.set_result(out)
+                        try:
+                            results.extend(await loop.run_in_executor(self.executor, self._run_items, [it]))
+                        except Exception as e:  # noqa: BLE001 - handed to that request
+                            results.append((False, e))
             except asyncio.CancelledError:
                 for it in batch:
                     if not it.future.done():
                         it.future.cancel()
                 raise
-            except Exception as exc:
-                if len(batch) == 1:
-                    if not batch[0].future.done():
-                        batch[0].future.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - a lone request's failure, handed to it
+                results = [(False, exc)]
+            for it, (ok, value) in zip(batch, results, strict=True):
+                if it.future.done():
                     continue
-                # Per-request isolation: rerun each request alone; only the failing ones fail.
-                for it in batch:
-                    try:
-                        out = await loop.run_in_executor(self.executor, self.run_sync, it.inputs)
-                    except Exception as e:  # noqa: BLE001 - handed to that request
-                        if not it.future.done():
-                            it.future.set_exception(e)
-                    else:
-                        if not it.future.done():
-                            it.future.set_result(out)
+                if ok:
+                    it.future.set_result(value)
+                else:
+                    it.future.set_exception(value)
 
 
 @dataclass
@@ -299,6 +352,9 @@ class Runtime:
         self.ready = False
         self.load_error: str | None = None
         self.executor = ThreadPoolExecutor(max_workers=settings.inference_workers, thread_name_prefix="ort")
+        self.budget = WorkBudget(settings.max_inflight_work, settings.retry_after_s, metrics)
+        self.offload = Offload(settings.postprocess_workers, INLINE_VALUES)
+        self.trimmer = Trimmer(self.offload.executor, settings.trim_after_work)
 
     # -- loading (blocking: called in a thread) ----------------------------------------------------
 
@@ -386,6 +442,7 @@ class Runtime:
             for runner in model.runners.values():
                 await runner.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.offload.shutdown()
 
 
 def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None:

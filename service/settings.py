@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="rows per merged ONNX Runtime call")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits for more requests")
     max_queue_size: int = Field(256, ge=1, description="queued requests per graph before answering 429")
-    bound_chunk_rows: int = Field(8192, ge=1, description="rows (images x samples) per call of the bound graph")
+    bound_chunk_rows: int = Field(2048, ge=1, description="importance samples per call of the bound graph (its "
+                                  "memory grows with them)")
     batch_pad_multiple: int = Field(8, ge=1, le=64, description="pad every call's batch to a multiple of this, so "
                                     "that a row's result never depends on what it was batched with")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429")
@@ -64,3 +65,15 @@ class Settings(BaseSettings):
                                     "together: refused (413) from the sizes the files declare, before decoding")
     max_json_pixels: int = Field(64 * 64 * 64, ge=1, description="values in the JSON images of one request (JSON "
                                  "costs more than a file per pixel to parse); counted in the body before parsing")
+
+    # Inference and responses (issue 11: admission control, memory, response size)
+    max_inflight_work: int = Field(131072, ge=1, description="work in flight across all endpoints, in rows that "
+                                   "ONNX Runtime computes (padding included; one importance sample is one row); "
+                                   "beyond it requests get 429. A request larger than this runs only alone")
+    max_response_pixels: int = Field(2048 * 2048, ge=1, description="largest PNG answered (width x height after "
+                                     "scaling); larger requests get 413")
+    postprocess_workers: int = Field(2, ge=1, le=64, description="threads encoding large responses (PNG, JSON)")
+    ort_cpu_arena: bool = Field(True, description="ONNX Runtime's CPU memory arena (faster small calls); the bound "
+                                "graph's calls, the large ones, hand their memory back to it after each call")
+    trim_after_work: int = Field(4096, ge=0, description="after a request of at least this much work (rows), give "
+                                 "free memory back to the system (glibc malloc_trim); 0: never")

@@ -25,6 +25,9 @@ def _requests(names, digits):
             reqs.append(("POST", f"/encode?model={name}&flow_params=true", {"json": {"images": x.tolist()}}))
         reqs.append(("POST", f"/log-likelihood?model={name}&samples={3 + i % 2}&seed={i}",
                      {"json": {"images": x.tolist()}}))
+        # more samples than one call holds (bound_chunk_rows=5 below): each image is cut into slices
+        reqs.append(("POST", f"/log-likelihood?model={name}&samples={6 + i % 7}&seed={i}",
+                     {"json": {"images": x.tolist()}}))
         reqs.append(("GET", f"/sample?model={name}&n={1 + i % 5}&seed={i}&format=json", {}))
         reqs.append(("POST", f"/decode?model={name}",
                      {"json": {"z": np.random.default_rng(i).standard_normal((1 + i % 2, 4 + (name == "ppca-digits"))
@@ -52,8 +55,9 @@ def _run_all(settings, reqs, concurrent: bool):
 def test_concurrent_batched_results_identical_to_unbatched(model_repo, digits):
     names = [p.name for p in sorted(model_repo.iterdir()) if (p / "card.json").is_file()]
     reqs = _requests(names, digits)
-    batched, metrics = _run_all(settings_for(model_repo, batching=True, max_queue_delay_ms=20.0), reqs, True)
-    unbatched, _ = _run_all(settings_for(model_repo, batching=False), reqs, False)
+    batched, metrics = _run_all(settings_for(model_repo, batching=True, max_queue_delay_ms=20.0, bound_chunk_rows=5),
+                                reqs, True)
+    unbatched, _ = _run_all(settings_for(model_repo, batching=False, bound_chunk_rows=5), reqs, False)
     for a, b in zip(batched, unbatched, strict=True):
         a.pop("seed", None), b.pop("seed", None)
         assert a == b  # bit for bit: the JSON floats are the float32 results

@@ -1,0 +1,143 @@
+"""What happens to model outputs before they are answered, off the event loop.
+
+Request-dependent numpy work (the planar flow of flow models, the checks below) runs as a request's
+`post` function in the inference thread (service/runtime.py GraphRunner.run); encoding a response
+(PNG, large JSON) runs in a small bounded pool of its own (`Offload`), so that it neither waits behind
+ONNX Runtime calls nor holds the event loop. Work below `inline_values` numbers stays on the loop: a
+thread hop costs the loop more than that.
+
+A model output that is not finite (NaN or infinite) would serialise as JSON null and break the
+response schema: it is reported instead as a problem that names the input and what to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+import orjson
+from fastapi.responses import Response
+
+from service import images as img
+from service.errors import ProblemError
+
+T = TypeVar("T")
+# Numbers a response may hold and still be encoded on the event loop (about 0.1 ms of work).
+INLINE_VALUES = 16384
+
+
+class NonFiniteOutputError(Exception):
+    """Row `row` of output `output` is NaN or infinite."""
+
+    def __init__(self, output: str, row: int):
+        super().__init__(f"{output}[{row}] is not finite")
+        self.output, self.row = output, row
+
+
+def check_finite(outputs: dict[str, np.ndarray], names) -> None:
+    """NonFiniteOutputError for the first row of any of `names` that holds a NaN or an infinity."""
+    for name in names:
+        a = outputs[name]
+        if not np.isfinite(a).all():
+            bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+            raise NonFiniteOutputError(name, int(np.argmax(bad)))
+
+
+def non_finite_problem(e: NonFiniteOutputError, source: str, advice: str) -> ProblemError:
+    """422 saying which input (`source`) gave a non-finite `e.output`, and what to change (`advice`)."""
+    return ProblemError(422, "Non-finite result", f"{source}: the model's {e.output} is not finite (NaN or "
+                        f"infinite) for this input; {advice}", slug="non-finite-result", output=e.output)
+
+
+def planar_flow(z: np.ndarray, u: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """z_K = f_K(...f_1(z)), f_k(z) = z + u_k tanh(w_k^T z + b_k) (models/README.md), row by row."""
+    for k in range(u.shape[1]):
+        a = np.einsum("nd,nd->n", w[:, k], z) + b[:, k]
+        z = z + u[:, k] * np.tanh(a)[:, None]
+    return z
+
+
+def finite_post(names: list[str]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A `post` that only checks that `names` are finite."""
+
+    def post(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_finite(out, names)
+        return out
+
+    return post
+
+
+def encoder_post(flows: bool) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The encoder's `post`: every output finite, and for flow models z_k (the mean through the flows)."""
+    names = ["mean", "log_var", *(["flow_u", "flow_w", "flow_b"] if flows else [])]
+
+    def post(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_finite(out, names)
+        if flows:
+            out["z_k"] = planar_flow(out["mean"], out["flow_u"], out["flow_w"], out["flow_b"])
+            check_finite(out, ["z_k"])
+        return out
+
+    return post
+
+
+ENCODER_POST = {False: encoder_post(False), True: encoder_post(True)}  # by "has flows"
+
+
+def decoder_post(shape: tuple[int, int]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The decoder's `post`: x_mean finite, clipped to [0, 1], as [n, H, W]."""
+
+    def post(out: dict[str, np.ndarray]) -> np.ndarray:
+        check_finite(out, ["x_mean"])
+        return np.clip(out["x_mean"], 0.0, 1.0).reshape(-1, *shape)
+
+    return post
+
+
+def check_png_size(n: int, shape: tuple[int, int], scale: int, max_pixels: int) -> None:
+    """413 before any work when the PNG of `n` images at `scale` would have more than `max_pixels` pixels."""
+    h, w = img.grid_shape(n, *shape)
+    pixels = h * w * scale * scale
+    if pixels > max_pixels:
+        raise ProblemError(413, "Response image too large", f"a PNG of {n} images at scale {scale} would be "
+                           f"{w * scale} x {h * scale} = {pixels} pixels; the limit is {max_pixels}: ask for fewer "
+                           "images, a smaller scale, or format=json", slug="response-too-large")
+
+
+class Offload:
+    """A bounded pool for response encoding; small jobs run inline (a thread hop costs more)."""
+
+    def __init__(self, workers: int, inline_values: int):
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="post")
+        self.inline_values = inline_values
+
+    async def run(self, size: int, fn: Callable[..., T], *args) -> T:
+        """fn(*args), in the pool when `size` (numbers it handles) is over the inline budget."""
+        if size <= self.inline_values:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def json(self, content: dict, size: int) -> Response:
+        """`content` (numpy arrays allowed) as a JSON response; `size`: the numbers in it."""
+        body = await self.run(size, _dumps, content)
+        return Response(body, media_type="application/json")
+
+    async def png(self, images: np.ndarray, scale: int) -> Response:
+        body = await self.run(images.size * scale * scale, lambda: img.png_grid(images, scale=scale))
+        return Response(body, media_type="image/png")
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _dumps(content: dict) -> bytes:
+    return orjson.dumps(content, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.ndarray):  # orjson serializes C-contiguous arrays only
+        return np.ascontiguousarray(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
