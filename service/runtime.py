@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.metrics import Metrics
-from service.repository import ModelCard, ModelRepositoryError, discover_models
+from service.repository import ModelCard, ModelRepositoryError, discover_models, public_reason
 from service.settings import PREFERRED_DEFAULTS, Settings
 
 log = logging.getLogger("service.runtime")
@@ -303,23 +303,30 @@ class Runtime:
     # -- loading (blocking: called in a thread) ----------------------------------------------------
 
     def load(self) -> None:
+        """Load every model folder; any failure marks that folder broken and never stops the others.
+
+        `broken` and `load_error` are shown to clients: they hold no server path (the log does).
+        """
         s = self.settings
         try:
             cards, broken = discover_models(s.models_dir)
         except ModelRepositoryError as e:
-            self.load_error = str(e)
+            self.load_error = public_reason(str(e), s.models_dir)
             log.error("no models loaded: %s", e)
             cards, broken = {}, {}
-        self.broken = dict(broken)
+        self.broken = {name: public_reason(reason, s.models_dir) for name, reason in broken.items()}
         so = session_options(s)
         for name, card in cards.items():
             try:
-                self.models[name] = self._load_model(card, so)
-            except (ModelRepositoryError, ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError, ValueError,
-                    OSError) as e:
-                self.broken[name] = f"{card.path}: {e}"
-                log.warning("skipping model folder %s: %s", card.path, e)
+                model = self._load_model(card, so)
+            except Exception as e:  # noqa: BLE001 - any error class of ONNX Runtime, or ours: this folder alone
+                reason = str(e) if isinstance(e, ModelRepositoryError) else f"{type(e).__name__}: {e}"
+                self.broken[name] = public_reason(f"{card.path}: {reason}", s.models_dir)
+                log.warning("skipping model folder %s: %s", card.path, reason)
+            else:
+                self.models[name] = model  # only a model whose every graph loaded and checked out
         self.default_model = self._choose_default()
+        self.metrics.known_models = frozenset(self.models) | frozenset(self.broken)
         self.metrics.models_broken.set(len(self.broken))
 
     def _load_model(self, card: ModelCard, so: ort.SessionOptions) -> LoadedModel:
@@ -400,6 +407,14 @@ def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None
         missing += [o for o in FLOW_OUTPUTS if o not in outputs]
     if missing:
         raise ModelRepositoryError(f"{card.graphs[role]}: outputs lack {missing} (has {outputs})")
+    # Requests are merged and padded along axis 0: a graph exported with a fixed batch size would fail
+    # (or, worse, broadcast) on the first merged call, so it is refused at load time.
+    for kind, args in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        for arg in args:
+            if not arg.shape or isinstance(arg.shape[0], int):
+                raise ModelRepositoryError(f"{card.graphs[role]}: {kind} {arg.name!r} has the shape {arg.shape}, "
+                                           "without a dynamic batch axis 0; every input and output needs one "
+                                           "(export with dynamic axes)")
     for name, info in inputs.items():
         if info.type != "tensor(float)":
             raise ModelRepositoryError(f"{card.graphs[role]}: input {name!r} is {info.type}, expected tensor(float)")
