@@ -337,6 +337,7 @@ class Runtime:
             path: Path = card.path / fname
             session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
             _check_io(card, role, session)
+            _check_runs(card, role, session)
             max_cost = self.settings.bound_chunk_rows if role == "bound" else self.settings.max_batch_size
             runners[role] = GraphRunner(card.name, role, session, settings=self.settings, executor=self.executor,
                                         metrics=self.metrics, max_cost=max_cost)
@@ -423,3 +424,15 @@ def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None
         if isinstance(last, int) and last != want:
             raise ModelRepositoryError(f"{card.graphs[role]}: input {name!r} has last axis {last}, but the card "
                                        f"says {want}")
+
+
+def _check_runs(card: ModelCard, role: str, session: ort.InferenceSession) -> None:
+    """One call with two rows: a graph that loads but cannot run, or whose outputs do not follow the batch
+    (a batch size fixed inside the graph), fails here, at load time, and only its own folder."""
+    rows, shapes = 2, {"x": (card.data_dim,), "z": (card.latent_dim,), "eps": (1, card.latent_dim)}
+    feeds = {i.name: np.zeros((rows, *shapes[i.name]), np.float32) for i in session.get_inputs()}
+    outputs = session.run(None, feeds)
+    for info, out in zip(session.get_outputs(), outputs, strict=True):
+        if out.ndim == 0 or out.shape[0] != rows:
+            raise ModelRepositoryError(f"{card.graphs[role]}: output {info.name!r} has the shape {list(out.shape)} "
+                                       f"for {rows} input rows; its axis 0 must follow the batch")

@@ -55,6 +55,17 @@ def _unknown_op_graph() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
+def _batch_folding_decoder(latent_dim: int) -> onnx.ModelProto:
+    """A decoder that loads and whose axis 0 is dynamic for ONNX Runtime's shape inference, but that folds rows
+    pairwise: [N, d] -> [N / 2, 2 d] (wrong as soon as a call has two rows)."""
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", latent_dim])
+    y = helper.make_tensor_value_info("x_mean", TensorProto.FLOAT, ["N", "D"])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 2 * latent_dim])
+    graph = helper.make_graph([helper.make_node("Reshape", ["z", "shape"], ["x_mean"])], "decoder", [z], [y],
+                              initializer=[shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
 def _fixed_batch(path: Path, batch: int = 1) -> onnx.ModelProto:
     """The graph at `path` re-declared with a fixed batch size on axis 0 of every input and output."""
     model = onnx.load(str(path))
@@ -107,6 +118,11 @@ def hostile_repo(model_repo, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     assert list(card["graphs"]) == ["encoder", "decoder", "loglik"]
     _replace_graph(bad, "loglik.onnx", _fixed_batch(bad / "loglik.onnx"))
     expect[bad.name] = "dynamic batch axis"
+
+    bad = repo / "folds-batch"  # loads, runs, but its output does not follow the batch
+    card = _copy_model(model_repo / GOOD, bad)
+    _replace_graph(bad, "decoder.onnx", _batch_folding_decoder(card["latent_dim"]))
+    expect[bad.name] = "must follow the batch"
 
     bad = repo / "lost+found"
     bad.mkdir(mode=0o700)
