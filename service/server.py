@@ -6,8 +6,9 @@
   (request line and headers) must arrive within `header_timeout_s` of its first byte (of the connection, for the
   first request), and its body within `body_timeout_s` of its head; otherwise the client gets 408 and the
   connection is closed. A head larger than `max_header_bytes` gets 431. Beyond `max_connections` open connections
-  a new one gets 503 and is closed at once. A slow client thus holds a few kilobytes for a bounded time and never
-  a task or a worker: the app sees a request only once its head is complete.
+  a new one gets 503 and is closed at once. A slow client thus holds a few kilobytes for a bounded time: no task
+  until its head is complete (the app sees a request only then), and a task waiting for its body at most
+  `body_timeout_s`; never an inference worker.
 - :class:`Server` (uvicorn's Server): on SIGTERM / SIGINT the app is told at once that it is draining (/ready
   answers 503), it goes on serving for `drain_s` (so that a load balancer can take it out of rotation), then
   uvicorn's graceful shutdown runs: no new connections, the requests in flight get `timeout_graceful_shutdown`
