@@ -108,6 +108,10 @@ EXPOSE 8000
 # Ready = every model loaded (503 before). python's urllib: slim images have no curl.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('LATENTSERVE_PORT', '8000'), timeout=4)"]
-# Exec form: the server is PID 1 and gets SIGTERM itself; uvicorn then stops accepting connections
-# and lets in-flight requests finish before it exits.
+# Exec form: the server is PID 1 and gets SIGTERM itself. It then answers /ready 503, serves on for
+# LATENTSERVE_DRAIN_S (0), stops accepting connections, gives the requests in flight
+# LATENTSERVE_TIMEOUT_GRACEFUL_SHUTDOWN (8 s) and answers 503 to those still unfinished (within 1 s):
+# at most 9 s, inside a plain `docker stop`'s 10 s before SIGKILL (docker-compose.yml: stop_grace_period;
+# tests/test_deploy.py checks that these agree). Raise the grace period with the timeouts, never below.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "service"]

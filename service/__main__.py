@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import uvicorn
+from pydantic import ValidationError
 
 from service.app import configure_logging, create_app
+from service.server import serve
 from service.settings import Settings
 
 
@@ -20,12 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "models_dir": args.models_dir}.items()
                  if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        # One line per bad setting, named as its environment variable; no traceback.
+        lines = [f"  LATENTSERVE_{'_'.join(map(str, err['loc'])).upper()}: "
+                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+        print("latentserve: invalid settings, not starting:\n" + "\n".join(lines), file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.access_log, timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
-                proxy_headers=False, server_header=False)
+    serve(create_app(settings), settings)
     return 0
 
 

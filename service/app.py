@@ -220,6 +220,9 @@ async def health() -> dict:
 @router.get("/ready", response_model=Ready, tags=["operations"], responses=_errors(503),
             summary="models loaded and warmed up (503 until then)")
 async def ready(request: Request, runtime: RuntimeDep, settings: SettingsDep):
+    if request.app.state.draining:  # set by service/server.py on SIGTERM
+        return problem_response(503, "Not ready", "the server is shutting down", "not-ready",
+                                headers={"Retry-After": str(settings.retry_after_s)})
     if not runtime.ready:
         detail = runtime.load_error or ("no models could be loaded" if _loaded(request) else "loading models")
         return problem_response(503, "Not ready", detail, "not-ready", headers={"Retry-After": str(
@@ -501,6 +504,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.runtime = Runtime(settings, metrics)
     app.state.loading_task = None
+    app.state.draining = False
     install_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Middlewares: the last added is the outermost: CORS -> request id/log/metrics -> API key -> body limit.

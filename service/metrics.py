@@ -8,10 +8,18 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
+# The `model` label of a request that named no model folder of the repository: every such name shares it,
+# so that clients cannot add series (memory, /metrics size) by inventing names.
+UNKNOWN_MODEL = "(unknown)"
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        # The repository's folder names (loaded or broken): the only model label values besides
+        # UNKNOWN_MODEL and "-" (no model). Set when the models are loaded.
+        self.known_models: frozenset[str] = frozenset()
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("latentserve_requests", "HTTP requests by endpoint, model and status",
                                 ["endpoint", "model", "status"], registry=r)
@@ -37,6 +45,11 @@ class Metrics:
         self.work_in_flight = Gauge("latentserve_work_in_flight", "rows of admitted work not yet answered, all "
                                     "endpoints together (the admission budget's use)", registry=r)
         self.models_broken = Gauge("latentserve_models_broken", "model folders skipped as broken", registry=r)
+
+    def model_label(self, name: str | None) -> str:
+        if name is None:
+            return "-"
+        return name if name in self.known_models else UNKNOWN_MODEL
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

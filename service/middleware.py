@@ -68,7 +68,7 @@ class RequestContextMiddleware:
             latency = time.perf_counter() - start
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            model = state.get("model") or "-"
+            model = self.metrics.model_label(state.get("model"))  # bounded: unknown names share one value
             code = status[0]
             self.metrics.requests.labels(endpoint, model, str(code)).inc()
             self.metrics.latency.labels(endpoint, model).observe(latency)
@@ -85,13 +85,16 @@ class RequestContextMiddleware:
 
 
 class APIKeyMiddleware:
-    """When an API key is set, every path but /health and /ready needs it (X-API-Key or Bearer)."""
+    """When an API key is set, every path but /health and /ready needs it (X-API-Key or Bearer), OPTIONS too.
+
+    A CORS preflight from an allowed origin never gets here: CORSMiddleware (outside this one) answers it.
+    """
 
     def __init__(self, app, api_key: str):
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope.get("method") == "OPTIONS":
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         given = _header(scope, b"x-api-key")
         if given is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,8 @@ def load_model_card(model_dir: str | Path, *, verify_files: bool = True) -> Mode
                                    f"{list(REQUIRED_GRAPHS[kind])})")
     files = field("files", dict)
     for role, fname in graphs.items():
+        if not isinstance(fname, str) or not fname:
+            raise ModelRepositoryError(f"{card_path}: graphs[{role!r}] must be a file name (a string), got {fname!r}")
         if fname not in files:
             raise ModelRepositoryError(f"{card_path}: graph {role!r} file {fname!r} has no entry in 'files'")
     for fname, entry in files.items():
@@ -158,26 +161,58 @@ def load_model_card(model_dir: str | Path, *, verify_files: bool = True) -> Mode
 def discover_models(models_dir: str | Path) -> tuple[dict[str, ModelCard], dict[str, str]]:
     """Every valid model folder under `models_dir` by name, and the broken ones with the reason.
 
-    A folder is a model folder when it holds a `card.json` or any `.onnx` file; other entries
-    (README.md, hidden folders) are ignored.
+    A folder is a model folder when it holds a `card.json` or any `.onnx` file, or when it cannot be
+    read (then nobody can tell); other entries (README.md, hidden folders) are ignored. Any failure in
+    one folder marks that folder broken and never stops the others. The reasons name the files with
+    their full paths (for the log); `public_reason` takes those out before a client sees them.
     """
     models_dir = Path(models_dir)
-    if not models_dir.is_dir():
-        raise ModelRepositoryError(f"{models_dir}: the models directory does not exist")
+    try:
+        entries = sorted(models_dir.iterdir())
+    except OSError as e:
+        raise ModelRepositoryError(f"{models_dir}: the models directory cannot be read "
+                                   f"({e.strerror or type(e).__name__})") from e
     valid: dict[str, ModelCard] = {}
     broken: dict[str, str] = {}
-    for sub in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not (sub / CARD).exists() and not any(sub.glob("*.onnx")):
+    for sub in entries:
+        if sub.name.startswith("."):
             continue
         try:
+            if not sub.is_dir():
+                continue
+            if not (sub / CARD).exists() and not any(sub.glob("*.onnx")):
+                continue
             card = load_model_card(sub)
+            if card.name != sub.name:
+                raise ModelRepositoryError(f"{sub / CARD}: name {card.name!r} differs from the folder name "
+                                           f"{sub.name!r}")
         except ModelRepositoryError as e:
             broken[sub.name] = str(e)
-            log.warning("skipping model folder %s: %s", sub, e)
+        except OSError as e:
+            broken[sub.name] = f"{sub}: the folder cannot be read ({e.strerror or type(e).__name__})"
+        except Exception as e:  # noqa: BLE001 - one folder's fault, whatever it is, must not stop the others
+            broken[sub.name] = f"{sub}: {type(e).__name__}: {e}"
+        else:
+            valid[card.name] = card
             continue
-        if card.name != sub.name:
-            broken[sub.name] = f"{sub / CARD}: name {card.name!r} differs from the folder name {sub.name!r}"
-            log.warning("skipping model folder %s: %s", sub, broken[sub.name])
-            continue
-        valid[card.name] = card
+        log.warning("skipping model folder %s: %s", sub, broken[sub.name])
     return valid, broken
+
+
+def public_reason(message: str, models_dir: str | Path) -> str:
+    """`message` without the server's paths, for a response (the log keeps them).
+
+    Paths inside the repository become relative to it (`ppca-mnist/card.json`), the repository itself
+    `$LATENTSERVE_MODELS_DIR`, and any other absolute path its last component.
+    """
+    models_dir = Path(models_dir)
+    roots = {str(models_dir), str(models_dir.absolute()), str(models_dir.resolve())}
+    for root in sorted(roots, key=len, reverse=True):
+        start = r"(?<![\w./:~-])" + re.escape(root.rstrip("/") or "/")
+        message = re.sub(start + "/+", "", message)
+        message = re.sub(start + r"(?![\w./-])", "$LATENTSERVE_MODELS_DIR", message)
+    return _ABSOLUTE_PATH.sub(r"\1", message)
+
+
+# An absolute path (not part of a URL or a relative path): its folders are dropped, its last component kept.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w./:~-])/(?:[^\s/'\"]+/+)+([^\s/'\"]*)")

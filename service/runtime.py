@@ -40,7 +40,7 @@ from service.admission import WorkBudget
 from service.memory import Trimmer
 from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, Offload
-from service.repository import ModelCard, ModelRepositoryError, discover_models
+from service.repository import ModelCard, ModelRepositoryError, discover_models, public_reason
 from service.settings import PREFERRED_DEFAULTS, Settings
 
 log = logging.getLogger("service.runtime")
@@ -359,23 +359,30 @@ class Runtime:
     # -- loading (blocking: called in a thread) ----------------------------------------------------
 
     def load(self) -> None:
+        """Load every model folder; any failure marks that folder broken and never stops the others.
+
+        `broken` and `load_error` are shown to clients: they hold no server path (the log does).
+        """
         s = self.settings
         try:
             cards, broken = discover_models(s.models_dir)
         except ModelRepositoryError as e:
-            self.load_error = str(e)
+            self.load_error = public_reason(str(e), s.models_dir)
             log.error("no models loaded: %s", e)
             cards, broken = {}, {}
-        self.broken = dict(broken)
+        self.broken = {name: public_reason(reason, s.models_dir) for name, reason in broken.items()}
         so = session_options(s)
         for name, card in cards.items():
             try:
-                self.models[name] = self._load_model(card, so)
-            except (ModelRepositoryError, ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError, ValueError,
-                    OSError) as e:
-                self.broken[name] = f"{card.path}: {e}"
-                log.warning("skipping model folder %s: %s", card.path, e)
+                model = self._load_model(card, so)
+            except Exception as e:  # noqa: BLE001 - any error class of ONNX Runtime, or ours: this folder alone
+                reason = str(e) if isinstance(e, ModelRepositoryError) else f"{type(e).__name__}: {e}"
+                self.broken[name] = public_reason(f"{card.path}: {reason}", s.models_dir)
+                log.warning("skipping model folder %s: %s", card.path, reason)
+            else:
+                self.models[name] = model  # only a model whose every graph loaded and checked out
         self.default_model = self._choose_default()
+        self.metrics.known_models = frozenset(self.models) | frozenset(self.broken)
         self.metrics.models_broken.set(len(self.broken))
 
     def _load_model(self, card: ModelCard, so: ort.SessionOptions) -> LoadedModel:
@@ -386,6 +393,7 @@ class Runtime:
             path: Path = card.path / fname
             session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
             _check_io(card, role, session)
+            _check_runs(card, role, session)
             max_cost = self.settings.bound_chunk_rows if role == "bound" else self.settings.max_batch_size
             runners[role] = GraphRunner(card.name, role, session, settings=self.settings, executor=self.executor,
                                         metrics=self.metrics, max_cost=max_cost)
@@ -457,6 +465,14 @@ def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None
         missing += [o for o in FLOW_OUTPUTS if o not in outputs]
     if missing:
         raise ModelRepositoryError(f"{card.graphs[role]}: outputs lack {missing} (has {outputs})")
+    # Requests are merged and padded along axis 0: a graph exported with a fixed batch size would fail
+    # (or, worse, broadcast) on the first merged call, so it is refused at load time.
+    for kind, args in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        for arg in args:
+            if not arg.shape or isinstance(arg.shape[0], int):
+                raise ModelRepositoryError(f"{card.graphs[role]}: {kind} {arg.name!r} has the shape {arg.shape}, "
+                                           "without a dynamic batch axis 0; every input and output needs one "
+                                           "(export with dynamic axes)")
     for name, info in inputs.items():
         if info.type != "tensor(float)":
             raise ModelRepositoryError(f"{card.graphs[role]}: input {name!r} is {info.type}, expected tensor(float)")
@@ -465,3 +481,15 @@ def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None
         if isinstance(last, int) and last != want:
             raise ModelRepositoryError(f"{card.graphs[role]}: input {name!r} has last axis {last}, but the card "
                                        f"says {want}")
+
+
+def _check_runs(card: ModelCard, role: str, session: ort.InferenceSession) -> None:
+    """One call with two rows: a graph that loads but cannot run, or whose outputs do not follow the batch
+    (a batch size fixed inside the graph), fails here, at load time, and only its own folder."""
+    rows, shapes = 2, {"x": (card.data_dim,), "z": (card.latent_dim,), "eps": (1, card.latent_dim)}
+    feeds = {i.name: np.zeros((rows, *shapes[i.name]), np.float32) for i in session.get_inputs()}
+    outputs = session.run(None, feeds)
+    for info, out in zip(session.get_outputs(), outputs, strict=True):
+        if out.ndim == 0 or out.shape[0] != rows:
+            raise ModelRepositoryError(f"{card.graphs[role]}: output {info.name!r} has the shape {list(out.shape)} "
+                                       f"for {rows} input rows; its axis 0 must follow the batch")

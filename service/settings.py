@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Tried in this order when no default model is configured; otherwise the first loaded (by name).
@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     access_log: bool = Field(False, description="uvicorn's own access log (the service logs one JSON line per request)")
-    timeout_graceful_shutdown: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
+    timeout_graceful_shutdown: float = Field(8.0, ge=0, description="seconds the requests in flight get to finish "
+                                             "after SIGTERM (and drain_s); the unfinished are then answered 503. "
+                                             "With drain_s and 1 s to answer, below the container stop timeout "
+                                             "(docker stop: 10 s)")
     api_key: SecretStr | None = Field(None, description="when set, every endpoint but /health and /ready needs it "
                                       "(header X-API-Key or Authorization: Bearer)")
     cors_origins: list[str] = Field(default_factory=list, description='allowed CORS origins, e.g. ["*"]')
@@ -77,3 +80,25 @@ class Settings(BaseSettings):
                                 "graph's calls, the large ones, hand their memory back to it after each call")
     trim_after_work: int = Field(4096, ge=0, description="after a request of at least this much work (rows), give "
                                  "free memory back to the system (glibc malloc_trim); 0: never")
+
+    # Operations (issue 11: slow clients, shutdown)
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds a request has to send its request line and "
+                                    "headers (from its first byte; from the connection's start for the first "
+                                    "request); 408 and the connection closed after that")
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds a request has to send its whole body once its "
+                                  "headers are in; 408 and the connection closed after that")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="largest request line + headers; 431 beyond")
+    max_connections: int = Field(1024, ge=1, description="open connections at most; one more is answered 503 and "
+                                 "closed at once (keep it below the process's open-file limit)")
+    drain_s: float = Field(0.0, ge=0, le=300, description="after SIGTERM, seconds to go on serving while /ready "
+                           "answers 503 (time for a load balancer to stop sending), before the graceful shutdown")
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_blank(cls, v: SecretStr | None) -> SecretStr | None:
+        # An empty value is not "no key": a blank `LATENTSERVE_API_KEY=` line in .env reaches the process through
+        # compose as "", and would let in every request that sends an empty X-API-Key.
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("LATENTSERVE_API_KEY is set but empty or blank: set a real key, or remove the "
+                             "variable (unset, not empty) to serve without one")
+        return v

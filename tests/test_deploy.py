@@ -178,10 +178,7 @@ def test_compose_api_contract():
     assert "ready" in " ".join(api["healthcheck"]["test"])
     assert api["restart"] in ("always", "unless-stopped", "on-failure")
     assert trainer.get("restart", "no") == "no"
-    # Graceful shutdown: uvicorn's own deadline comes before docker's SIGKILL.
     env = api["environment"]
-    grace = _seconds(api["stop_grace_period"])
-    assert float(env["LATENTSERVE_TIMEOUT_GRACEFUL_SHUTDOWN"]) < grace
     # The CPU limit is the ONNX Runtime threads: inference workers x intra-op threads.
     cpus = float(api["deploy"]["resources"]["limits"]["cpus"])
     assert cpus == int(env["LATENTSERVE_INFERENCE_WORKERS"]) * int(env["LATENTSERVE_INTRA_OP_THREADS"])
@@ -213,3 +210,136 @@ def _seconds(value) -> float:
         return float(value)
     units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
     return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|us|h|m|s)", value))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stop timeouts: the service's whole shutdown fits in the engine's grace period, everywhere
+# --------------------------------------------------------------------------------------------------
+
+DOCKER_STOP_DEFAULT_S = 10.0  # `docker stop` without -t: SIGKILL 10 s after the stop signal
+
+
+def _shutdown_budget(env: dict) -> float:
+    """Seconds from SIGTERM to exit at most: drain, graceful timeout, then the 503 answers to the unfinished."""
+    from service.server import FINAL_ANSWER_S
+    from service.settings import Settings
+
+    settings = Settings(**{k[len("LATENTSERVE_"):].lower(): v for k, v in env.items()
+                           if k in ("LATENTSERVE_DRAIN_S", "LATENTSERVE_TIMEOUT_GRACEFUL_SHUTDOWN")})
+    return settings.drain_s + settings.timeout_graceful_shutdown + FINAL_ANSWER_S
+
+
+def _dockerfile_env(stage: str) -> dict[str, str]:
+    env = {}
+    for m in re.finditer(r"^ENV\s+(.*)$", stage, re.M):
+        env.update(dict(re.findall(r"(\w+)=(\S+)", m.group(1))))
+    return env
+
+
+def test_stop_timeouts_agree_across_dockerfile_compose_and_service():
+    yaml = pytest.importorskip("yaml")
+    runtime = _stages()["runtime"]
+    # Dockerfile: SIGTERM, and the service's own budget (its defaults unless the image sets them) inside a plain
+    # `docker stop`, which the image cannot lengthen.
+    assert re.search(r"^STOPSIGNAL SIGTERM$", runtime, re.M)
+    image_budget = _shutdown_budget(_dockerfile_env(runtime))
+    assert image_budget < DOCKER_STOP_DEFAULT_S, image_budget
+    # docker-compose.yml: SIGTERM, and the budget of the api's environment inside its stop_grace_period.
+    api = yaml.safe_load(COMPOSE.read_text())["services"]["api"]
+    assert api["stop_signal"] == "SIGTERM"
+    env = {k: str(v) for k, v in api["environment"].items() if v is not None}
+    grace = _seconds(api["stop_grace_period"])
+    assert _shutdown_budget(env) < grace, (env, grace)
+    # The uvicorn deadline is not left to uvicorn's own default by accident: the compose file names it.
+    assert "LATENTSERVE_TIMEOUT_GRACEFUL_SHUTDOWN" in env
+
+
+def test_shutdown_budget_reads_the_settings():
+    """The check above can fail: a compose file with uvicorn's old 25 s in 30 s of grace, or a 30 s service
+    default under `docker stop`, are over budget."""
+    assert _shutdown_budget({"LATENTSERVE_TIMEOUT_GRACEFUL_SHUTDOWN": "25"}) > 25
+    assert _shutdown_budget({"LATENTSERVE_TIMEOUT_GRACEFUL_SHUTDOWN": "30"}) > DOCKER_STOP_DEFAULT_S
+    assert _shutdown_budget({"LATENTSERVE_DRAIN_S": "5", "LATENTSERVE_TIMEOUT_GRACEFUL_SHUTDOWN": "8"}) > 13
+
+
+# --------------------------------------------------------------------------------------------------
+# scripts/docker-smoke: the package mirror is the host's, none is written in the repository
+# --------------------------------------------------------------------------------------------------
+
+def _apt_mirror():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("apt_mirror", ROOT / "scripts" / "apt_mirror.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _apt_root(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = tmp_path / "etc" / "apt" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+def test_apt_mirror_reads_deb822_sources(tmp_path):
+    root = _apt_root(tmp_path, {"sources.list.d/debian.sources": """Types: deb
+# a comment
+URIs: http://mirror-a.invalid/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror-a.invalid/debian-security
+Suites: bookworm-security
+Components: main
+""", "sources.list.d/other.list.disabled": "deb http://mirror-x.invalid/debian bookworm main\n"})
+    m = _apt_mirror()
+    assert m.debian_mirror("bookworm", root) == "http://mirror-a.invalid/debian"
+    assert m.debian_mirror("bookworm-security", root) == "http://mirror-a.invalid/debian-security"
+    assert m.debian_mirror("trixie", root) is None
+
+
+def test_apt_mirror_reads_one_line_sources_and_skips_what_apt_skips(tmp_path):
+    root = _apt_root(tmp_path, {
+        "sources.list": """# deb http://commented.invalid/debian bookworm main
+deb-src http://source-only.invalid/debian bookworm main
+deb http://contrib-only.invalid/debian bookworm contrib
+deb [arch=amd64 signed-by=/k.gpg] http://mirror-b.invalid/debian bookworm main non-free
+""",
+        "sources.list.d/off.sources": "Enabled: no\nTypes: deb\nURIs: http://off.invalid/debian\nSuites: bookworm\n"
+                                      "Components: main\n",
+    })
+    assert _apt_mirror().debian_mirror("bookworm", root) == "http://mirror-b.invalid/debian"
+
+
+def test_apt_mirror_command_fails_clearly_without_a_source(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "apt_mirror.py"), "bookworm", "--root",
+                             str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "no `deb` source for bookworm" in result.stderr
+
+
+def test_docker_smoke_takes_the_mirror_from_the_host_and_names_none():
+    script = (ROOT / "scripts" / "docker-smoke").read_text()
+    assert "scripts/apt_mirror.py" in script
+    result = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "docker-smoke")], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    # No Debian / Ubuntu archive host, nor any other package mirror, is written in a tracked file.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    mirror_host = re.compile(r"\b(deb|security|archive|ftp\.[a-z]{2})\.(debian|ubuntu)\.(org|com)\b|"
+                             r"\bmirrors?\.[\w.-]+\.(org|com|net|cn|edu)\b", re.I)
+    hits = []
+    for name in tracked.stdout.splitlines():
+        path = ROOT / name
+        if path.suffix in (".onnx", ".png", ".npz", ".pt", ".gz") or not path.is_file():
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if mirror_host.search(line):
+                hits.append(f"{name}:{i}: {line.strip()[:120]}")
+    assert not hits, "\n".join(hits)
+

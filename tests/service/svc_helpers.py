@@ -89,8 +89,10 @@ class LiveServer:
 
 
 def start_server(repo: Path, log_path: Path, *, ready: bool = True, timeout: float = 90.0,
-                 **env: str) -> LiveServer:
-    """Start `python -m service` serving `repo` (settings as LATENTSERVE_* variables: `env`), wait for /ready."""
+                 command_prefix: tuple[str, ...] = (), **env: str) -> LiveServer:
+    """Start `python -m service` serving `repo` (settings as LATENTSERVE_* variables: `env`), wait for /ready.
+
+    `command_prefix` runs the server under another command (e.g. setpriv, to drop privileges)."""
     import os
     import subprocess
     import sys
@@ -104,7 +106,7 @@ def start_server(repo: Path, log_path: Path, *, ready: bool = True, timeout: flo
                      "LATENTSERVE_PORT": str(port), "LATENTSERVE_LOG_LEVEL": "info",
                      **{f"LATENTSERVE_{k.upper()}": str(v) for k, v in env.items()}})
     out = open(log_path, "wb")  # noqa: SIM115 - owned by the process
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=out,
+    proc = subprocess.Popen([*command_prefix, sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
     out.close()
     server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path)
