@@ -279,7 +279,8 @@ def test_every_request_accepted_before_sigterm_is_answered(model_repo, tmp_path)
     """At the graceful timeout (here 0.3 s), requests still waiting for their body, queued in a batcher or
     running get a 503 problem; the others their result. None is cut off without an answer."""
     server = start_server(model_repo, tmp_path / "server.log", timeout_graceful_shutdown="0.3",
-                          inference_workers="1", body_timeout_s="60", default_model="vae-digits")
+                          inference_workers="1", body_timeout_s="60", default_model="vae-digits",
+                          max_inflight_work="100000000")  # all 24 admitted: in flight when the signal comes
     port = int(server.url.rsplit(":", 1)[1])
     rng = np.random.default_rng(0)
     images = [rng.random(64).round(3).tolist() for _ in range(16)]
