@@ -235,7 +235,8 @@ async def ready(request: Request, runtime: RuntimeDep, settings: SettingsDep):
     **_errors(401)})
 async def metrics(request: Request) -> Response:
     m: Metrics = request.app.state.metrics
-    return Response(m.render(), media_type=m.content_type)
+    # Its label values are bounded (a few kB), but its size grows with the repository's folders: off the loop.
+    return Response(await asyncio.to_thread(m.render), media_type=m.content_type)
 
 
 @router.get("/models", response_model=ModelsResponse, tags=["models"], responses=_errors(401),

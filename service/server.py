@@ -15,6 +15,8 @@
   seconds to finish. Every request still unanswered then (waiting for its body, queued in a batcher or running)
   is answered 503 before its task is cancelled, so no client accepted before the signal goes without an answer.
 
+`uvicorn --factory service.app:create_app` serves the same app without either.
+
 The stop deadlines of the deployment files must leave room for all this (tests/test_deploy.py checks them):
 drain_s + timeout_graceful_shutdown + FINAL_ANSWER_S < the container engine's stop timeout.
 """

@@ -127,7 +127,10 @@ def hostile_repo(model_repo, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     bad = repo / "lost+found"
     bad.mkdir(mode=0o700)
     (bad / "inode-1234").write_bytes(b"\0" * 16)
-    os.chown(bad, STRANGER_UID, STRANGER_UID)
+    if os.geteuid() == 0:
+        os.chown(bad, STRANGER_UID, STRANGER_UID)  # unreadable to root without CAP_DAC_* (see NO_DAC)
+    else:
+        bad.chmod(0o000)
     expect[bad.name] = "cannot be read"
     return repo, expect
 
