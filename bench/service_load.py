@@ -43,6 +43,8 @@ def serve(kind: str, port: int, checkpoint: str, model: str) -> None:
     import uvicorn
 
     from bench.baseline_apps import raw_body_app, torch_app, trivial_app
+    from service.server import protocol_class
+    from service.settings import Settings
 
     if kind == "trivial":
         app = trivial_app()
@@ -52,9 +54,10 @@ def serve(kind: str, port: int, checkpoint: str, model: str) -> None:
         app = torch_app(checkpoint, model)
     else:
         raise SystemExit(f"unknown app {kind}")
-    # The server settings of `python -m service` (service/__main__.py), so that only the apps differ.
+    # The server settings of `python -m service` (service/server.py: its protocol with read deadlines too), so
+    # that only the apps differ.
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, proxy_headers=False,
-                server_header=False)
+                server_header=False, http=protocol_class(Settings()))
 
 
 def _start(kind: str, args, batching: bool = True) -> tuple[subprocess.Popen, int]:
