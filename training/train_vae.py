@@ -276,18 +276,18 @@ def _figures(model: VAE, data: ImageData, *, S: int, chunk: int, seed: int, devi
 
 @torch.no_grad()
 def _plots(model: VAE, data: ImageData, history: dict[str, list[float]], kind: str, out: Path) -> None:
-    H, W = data.image_shape
     plots.save_curves(history, out / "elbo.png", title=f"{kind}: ELBO per epoch", xlabel="epoch",
                       ylabel="nats / image")
     x = model.sample(64, torch.Generator().manual_seed(0))
-    plots.save_image_grid(x.clamp(0, 1).numpy().reshape(-1, H, W), out / "samples.png",
+    plots.save_image_grid(plots.as_images(x.clamp(0, 1).numpy(), data.image_shape), out / "samples.png",
                           "samples: E[x | z], z ~ N(0, I)", ncols=8)
     test = torch.as_tensor(data.test[:32], dtype=torch.float32)
     recon = model.reconstruct(test).clamp(0, 1)
-    # rows alternate: 8 test images, then their reconstructions
-    pairs = torch.stack([test.reshape(-1, 8, H * W), recon.reshape(-1, 8, H * W)], 1).reshape(-1, H, W)
-    plots.save_image_grid(pairs.numpy(), out / "reconstructions.png",
-                          "test images (odd rows) and reconstructions (even rows)", ncols=8)
+    # rows alternate: up to 8 test images, then their reconstructions
+    pairs, ncols = plots.paired_rows(plots.as_images(test.numpy(), data.image_shape),
+                                     plots.as_images(recon.numpy(), data.image_shape), ncols=8)
+    plots.save_image_grid(pairs, out / "reconstructions.png",
+                          "test images (odd rows) and reconstructions (even rows)", ncols=ncols)
 
 
 def build_model(ckpt: dict) -> VAE:
