@@ -17,6 +17,17 @@ import numpy as np
 
 EMBEDDED = ("digits", "mnist5k", "mnist5k-bin")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# The smallest image side accepted (files, arrays and --image-size): the smallest images this project
+# models and serves are scikit-learn's 8x8 digits. A smaller side is nearly always a mistake: an [N, D]
+# array whose D is read as a tiny square, or an icon or tracking pixel in a folder that resizing would
+# blow up into a blur that the model then learns as data.
+MIN_SIDE = 8
+# Share of the rows of user data and digits held out as test rows by default.
+TEST_FRACTION = 0.2
+# The fewest training rows left after the test and validation rows are taken out.
+MIN_TRAIN_ROWS = 2
+# Pillow modes with one channel; "P" (palette) images count as one when every palette colour they use is gray.
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): code -> (numpy big-endian dtype, bytes per value).
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -88,7 +99,7 @@ def load_dataset(
     *,
     valid_fraction: float = 0.1,
     image_size: tuple[int, int] | None = None,
-    test_fraction: float = 0.2,
+    test_fraction: float = TEST_FRACTION,
 ) -> ImageData:
     """Load an embedded dataset by name or user data from a path, split into train / valid / test.
 
@@ -100,6 +111,8 @@ def load_dataset(
     """
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     name = str(spec)
     probs = None
     if name == "mnist5k" or name == "mnist5k-bin":
@@ -111,7 +124,7 @@ def load_dataset(
             x = (np.random.default_rng(1).random(x.shape) < x).astype(np.float64)
     elif name == "digits":
         x, shape, binary = digits_raw(), (8, 8), False
-        train_idx, test_idx = _random_split(len(x), test_fraction)
+        train_idx, test_idx = _random_split(len(x), test_fraction, valid_fraction, name)
     elif name in EMBEDDED:  # pragma: no cover - EMBEDDED and the branches above must agree
         raise AssertionError(f"embedded dataset {name!r} has no loader")
     else:
@@ -126,7 +139,7 @@ def load_dataset(
         x = images.reshape(len(images), -1)
         binary = bool(np.isin(x, (0.0, 1.0)).all())
         name = path.name
-        train_idx, test_idx = _random_split(len(x), test_fraction)
+        train_idx, test_idx = _random_split(len(x), test_fraction, valid_fraction, str(path))
 
     train_idx, valid_idx = _valid_split(train_idx, valid_fraction)
     return ImageData(
@@ -140,22 +153,45 @@ def load_dataset(
     )
 
 
-def _random_split(n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    perm = np.random.default_rng(0).permutation(n)
+def _n_valid(n_train: int, valid_fraction: float) -> int:
+    """Validation rows out of `n_train` training rows: at least one whenever a fraction is asked for."""
+    return max(1, round(n_train * valid_fraction)) if valid_fraction > 0 else 0
+
+
+def _random_split(n: int, test_fraction: float, valid_fraction: float, source: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, test) row indices; fails before any training when too few training rows would be left."""
     n_test = max(1, round(n * test_fraction))
-    if n - n_test < 2:
-        raise DataError(f"{n} images are too few to split into training and test rows (need at least 3)")
+    n_valid = _n_valid(n - n_test, valid_fraction)
+    n_train = n - n_test - n_valid
+    if n_train < MIN_TRAIN_ROWS:
+        raise DataError(
+            f"{source}: {n} images are too few for a test fraction of {test_fraction:g} ({n_test} rows) and a "
+            f"validation fraction of {valid_fraction:g} ({n_valid} rows): {max(n_train, 0)} training rows would be "
+            f"left, and at least {MIN_TRAIN_ROWS} are needed; add images, or lower --test-fraction or "
+            "--valid-fraction (the VAEs need at least one validation row)")
+    perm = np.random.default_rng(0).permutation(n)
     return perm[: n - n_test], perm[n - n_test :]
 
 
 def _valid_split(train_idx: np.ndarray, valid_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    n_valid = round(len(train_idx) * valid_fraction)
+    n_valid = _n_valid(len(train_idx), valid_fraction)
     if n_valid == 0:
         return train_idx, train_idx[:0]
     shuffled = train_idx[np.random.default_rng(2).permutation(len(train_idx))]
     return np.sort(shuffled[:-n_valid]), np.sort(shuffled[-n_valid:])
+
+
+def reload_dataset(meta: dict) -> ImageData:
+    """The dataset and split a checkpoint was fitted on, from the `meta` that :func:`training.common.run_meta`
+    wrote (folder images resized to the fitted image shape again)."""
+    dataset = meta["dataset"]
+    return load_dataset(
+        dataset,
+        valid_fraction=meta.get("valid_fraction", 0.1),
+        test_fraction=meta.get("test_fraction", TEST_FRACTION),
+        image_size=tuple(meta["image_shape"]) if Path(dataset).is_dir() else None,
+    )
 
 
 def with_validation_as_training(data: ImageData) -> ImageData:
@@ -172,10 +208,14 @@ def with_validation_as_training(data: ImageData) -> ImageData:
 def load_images(path: str | Path, *, image_size: tuple[int, int] | None = None) -> np.ndarray:
     """Load images as float64 [N, H, W] in [0, 1] from an IDX file, a .npz/.npy file or a folder.
 
-    Integer arrays are read as 0..255 pixels; float arrays must already lie in [0, 1].
-    ``image_size`` (H, W) resizes folder images (the default is the first image's size).
+    Integer arrays are read as 0..255 pixels; float arrays must already lie in [0, 1]. Arrays are
+    [N, H, W], [N, H, W, 1] or square images flattened to [N, H*W]. ``image_size`` (H, W) resizes
+    folder images (the default is the first image's size). Every side must be at least MIN_SIDE.
+    Anything else raises a DataError that names the file, what is wrong and what is expected.
     """
     path = Path(path)
+    if image_size is not None:
+        _check_side(tuple(image_size), "--image-size")
     if path.is_dir():
         return _load_image_folder(path, image_size)
     suffixes = "".join(path.suffixes[-2:]).lower()
@@ -190,7 +230,17 @@ def load_images(path: str | Path, *, image_size: tuple[int, int] | None = None) 
             f"{path}: unsupported file type {path.suffix!r}; expected an IDX file (*-ubyte, *.idx, "
             "optionally .gz), a .npz/.npy array or a folder of PNG/JPEG images"
         )
-    return _to_unit_images(arr, path)
+    images = _to_unit_images(arr, path)
+    if image_size is not None and tuple(image_size) != images.shape[1:]:
+        raise DataError(f"{path}: --image-size resizes the images of a folder only; this file holds "
+                        f"{images.shape[1]}x{images.shape[2]} images (leave --image-size out, or resize the array)")
+    return images
+
+
+def _check_side(shape: tuple[int, int], what: str) -> None:
+    if min(shape) < MIN_SIDE:
+        raise DataError(f"{what}: images of {shape[0]}x{shape[1]} pixels are below the minimum size of "
+                        f"{MIN_SIDE}x{MIN_SIDE} (height and width must each be at least {MIN_SIDE})")
 
 
 def load_idx(path: str | Path) -> np.ndarray:
@@ -245,44 +295,123 @@ def _load_npz(path: Path) -> np.ndarray:
 
 
 def _to_unit_images(arr: np.ndarray, path: Path) -> np.ndarray:
+    expected = ("expected grayscale images [N, H, W] (or [N, H, W, 1], or square images flattened to [N, H*W]) "
+                "of integers 0..255 or floats in [0, 1]")
     if arr.ndim == 2:
         side = int(round(np.sqrt(arr.shape[1])))
         if side * side != arr.shape[1]:
-            raise DataError(f"{path}: a 2-D array must hold square images flattened to N x (H*W); "
-                            f"got {arr.shape[1]} columns, which is not a square number")
+            raise DataError(f"{path}: a 2-D array must hold square images flattened to N x (H*W); got "
+                            f"{arr.shape[1]} columns, which is not a square number (store non-square images "
+                            "as [N, H, W])")
         arr = arr.reshape(len(arr), side, side)
-    if arr.ndim != 3 or arr.shape[0] == 0:
-        raise DataError(f"{path}: expected images of shape [N, H, W] or [N, H*W] with N >= 1, got {arr.shape}")
+    elif arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    elif arr.ndim == 4 and arr.shape[-1] in (3, 4):
+        raise DataError(f"{path}: colour images of shape {list(arr.shape)}: this version models grayscale "
+                        f"only; {expected} (convert colour with the service's luma, "
+                        "x[..., :3] @ [0.299, 0.587, 0.114])")
+    elif arr.ndim == 4 and arr.shape[1] in (1, 3, 4):
+        raise DataError(f"{path}: an array of shape {list(arr.shape)} looks channels-first; {expected} "
+                        "(channels last: numpy.moveaxis(x, 1, -1))")
+    if arr.ndim != 3:
+        raise DataError(f"{path}: an array of shape {list(arr.shape)}; {expected}")
+    if arr.shape[0] == 0:
+        raise DataError(f"{path}: the array holds no images (shape {list(arr.shape)}); {expected}")
+    _check_side(arr.shape[1:], str(path))
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float64)
     if np.issubdtype(arr.dtype, np.integer):
-        if arr.min() < 0 or arr.max() > 255:
-            raise DataError(f"{path}: integer pixels must lie in 0..255, got {arr.min()}..{arr.max()}")
+        lo, hi = arr.min(), arr.max()
+        if lo < 0 or hi > 255:
+            raise DataError(f"{path}: integer pixels must lie in 0..255, got {lo}..{hi} (scale 16-bit data "
+                            "to 0..255, or store floats in [0, 1])")
         return arr.astype(np.float64) / 255.0
-    if np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.bool_:
+    if np.issubdtype(arr.dtype, np.floating):
         out = arr.astype(np.float64)
         if not np.isfinite(out).all():
-            raise DataError(f"{path}: the array holds NaN or infinite values")
+            raise DataError(f"{path}: the array holds NaN or infinite values (expected floats in [0, 1])")
         if out.min() < 0.0 or out.max() > 1.0:
-            raise DataError(f"{path}: float pixels must lie in [0, 1], got {out.min():g}..{out.max():g}")
+            raise DataError(f"{path}: float pixels must lie in [0, 1], got {out.min():g}..{out.max():g} "
+                            "(divide 0..255 floats by 255, or store them as uint8)")
         return out
-    raise DataError(f"{path}: unsupported array dtype {arr.dtype} (expected integers 0..255 or floats in [0, 1])")
+    raise DataError(f"{path}: unsupported array dtype {arr.dtype} (expected integers 0..255, floats in [0, 1] "
+                    "or booleans)")
+
+
+def image_channels(im) -> int:
+    """1 for a grayscale Pillow image (a palette of grays included), 3 for a colour one."""
+    if im.mode in _GRAY_MODES:
+        return 1
+    if im.mode in ("P", "PA"):
+        rgb = np.asarray(im.convert("RGB"))
+        return 1 if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all() else 3
+    return 3
+
+
+def _gray_pixels(im) -> np.ndarray:
+    """A Pillow image -> float64 [H, W] in [0, 1]: ITU-R 601-2 luma ("L"), transparent pixels on white,
+    as the service converts uploads (service/images.py), so that training and serving see the same pixels."""
+    from PIL import Image
+
+    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+
+
+def _examples(files: list[Path], folder: Path, limit: int = 3) -> str:
+    names = ", ".join(str(f.relative_to(folder)) for f in files[:limit])
+    return names + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
 
 def _load_image_folder(folder: Path, image_size: tuple[int, int] | None) -> np.ndarray:
+    """Every image file under `folder` (sorted by path) as float64 [N, H, W] in [0, 1].
+
+    All files are checked before any pixel is used: unreadable files, files below MIN_SIDE and a mix
+    of grayscale and colour files are each reported with the files' names.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    everything = [p for p in folder.rglob("*") if p.is_file()]
+    files = sorted(p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DataError(f"{folder}: no images found (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
-    images = []
+        found = f"it holds {len(everything)} other files" if everything else "it is empty"
+        raise DataError(f"{folder}: no images found ({found}); expected image files ending in "
+                        f"{', '.join(IMAGE_SUFFIXES)}")
+    pixels: dict[Path, np.ndarray] = {}
+    unreadable, small, by_channels = [], [], {1: [], 3: []}
     for f in files:
         try:
             with Image.open(f) as im:
-                im = im.convert("L")
-                if image_size is None:
-                    image_size = (im.height, im.width)
-                if (im.height, im.width) != tuple(image_size):
-                    im = im.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
-                images.append(np.asarray(im, dtype=np.float64) / 255.0)
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{f}: not a readable image ({e})") from e
+                im.load()
+                if min(im.height, im.width) < MIN_SIDE:
+                    small.append(f"{f.relative_to(folder)} ({im.height}x{im.width})")
+                    continue
+                by_channels[image_channels(im)].append(f)
+                pixels[f] = _gray_pixels(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            unreadable.append(f"{f.relative_to(folder)} ({type(e).__name__}: {str(e)[:120]})")
+    if unreadable:
+        raise DataError(f"{folder}: {len(unreadable)} of {len(files)} image files are not readable images: "
+                        f"{'; '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''} (expected complete "
+                        "PNG, JPEG, BMP, GIF, TIFF or WebP files; remove or replace them)")
+    if small:
+        raise DataError(f"{folder}: {len(small)} images are below the minimum size of {MIN_SIDE}x{MIN_SIDE} "
+                        f"pixels: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''} (remove them)")
+    gray, colour = by_channels[1], by_channels[3]
+    if gray and colour:
+        raise DataError(
+            f"{folder}: the folder mixes {len(gray)} grayscale images ({_examples(gray, folder)}) with "
+            f"{len(colour)} colour images ({_examples(colour, folder)}); expected one kind. This version "
+            "models grayscale only: convert the colour files to grayscale (e.g. Pillow's "
+            "Image.convert('L')), or remove the odd ones out")
+    size = tuple(image_size) if image_size is not None else pixels[files[0]].shape
+    images = []
+    for f in files:
+        x = pixels[f]
+        if x.shape != size:
+            resized = Image.fromarray(x.astype(np.float32), mode="F").resize((size[1], size[0]),
+                                                                              Image.Resampling.BILINEAR)
+            x = np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)
+        images.append(x)
     return np.stack(images)

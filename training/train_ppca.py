@@ -22,7 +22,7 @@ from training.common import (
     seed_everything,
     write_json,
 )
-from training.data import ImageData, load_dataset
+from training.data import ImageData, reload_dataset
 from training.ppca import (
     PPCA,
     PPCAConfig,
@@ -186,8 +186,7 @@ def evaluate(ckpt: dict, args: argparse.Namespace) -> dict:
     """Test figures of a fitted PPCA: the exact log-likelihood (no sampling involved)."""
     model = build_model(ckpt)
     meta = ckpt["meta"]
-    data = load_dataset(meta["dataset"], valid_fraction=meta["valid_fraction"],
-                        image_size=tuple(meta["image_shape"]) if Path(meta["dataset"]).is_dir() else None)
+    data = reload_dataset(meta)
     x = torch.as_tensor(data.test, dtype=torch.float64)
     ll = mean_log_prob(model, x)
     return {

@@ -31,7 +31,7 @@ from training.common import (
     seed_everything,
     write_json,
 )
-from training.data import ImageData, load_dataset
+from training.data import ImageData, reload_dataset
 from training.vae import ACTIVATIONS, FLOW_TYPES, LIKELIHOODS, VAE, VAEConfig
 
 DEFAULT_FLOWS = {"vae": 0, "flow-vae": 10}
@@ -302,8 +302,7 @@ def evaluate(ckpt: dict, args: argparse.Namespace) -> dict:
     device = resolve_device(getattr(args, "device", "cpu"))
     model = build_model(ckpt)
     meta = ckpt["meta"]
-    data = load_dataset(meta["dataset"], valid_fraction=meta["valid_fraction"],
-                        image_size=tuple(meta["image_shape"]) if Path(meta["dataset"]).is_dir() else None)
+    data = reload_dataset(meta)
     figures = _figures(model, data, S=args.samples, chunk=getattr(args, "chunk", 50_000), seed=args.seed,
                        device=device, splits=("test",))
     return {

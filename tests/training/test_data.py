@@ -54,12 +54,12 @@ def test_binarize_is_seeded_and_matches_probabilities():
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_idx_roundtrip(tmp_path, compress):
-    arr = np.random.default_rng(0).integers(0, 256, (7, 5, 4), dtype=np.uint8)
+    arr = np.random.default_rng(0).integers(0, 256, (7, 10, 8), dtype=np.uint8)
     path = tmp_path / ("images-idx3-ubyte" + (".gz" if compress else ""))
     _write_idx(path, arr, compress=compress)
     assert np.array_equal(load_idx(path), arr)
     images = load_images(path)
-    assert images.shape == (7, 5, 4) and np.allclose(images, arr / 255.0)
+    assert images.shape == (7, 10, 8) and np.allclose(images, arr / 255.0)
 
 
 def test_idx_truncated_names_file_and_fault(tmp_path):
@@ -75,9 +75,9 @@ def test_idx_truncated_names_file_and_fault(tmp_path):
 
 
 def test_npz_and_npy(tmp_path):
-    arr = np.random.default_rng(0).random((6, 3, 3))
+    arr = np.random.default_rng(0).random((6, 8, 8))
     np.save(tmp_path / "a.npy", arr)
-    np.savez(tmp_path / "b.npz", x=arr.reshape(6, 9), y=np.arange(6))
+    np.savez(tmp_path / "b.npz", x=arr.reshape(6, 64), y=np.arange(6))
     assert np.allclose(load_images(tmp_path / "a.npy"), arr)
     assert np.allclose(load_images(tmp_path / "b.npz"), arr)
     np.save(tmp_path / "c.npy", arr * 3)
@@ -95,18 +95,18 @@ def test_image_folder_grayscale_and_resize(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(folder / "a.png")
-    Image.fromarray(np.zeros((20, 20), np.uint8)).save(folder / "b.jpg")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "b.jpg")  # colour files only: gray
     images = load_images(folder, image_size=(8, 8))
     assert images.shape == (2, 8, 8)
     assert np.allclose(images[0], 1.0) and np.allclose(images[1], 0.0, atol=0.02)
     (folder / "c.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"c\.png: not a readable image"):
+    with pytest.raises(DataError, match=r"1 of 3 image files are not readable images: c\.png \("):
         load_images(folder)
 
 
 def test_user_dataset_split_and_missing_path(tmp_path):
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (50, 4, 4), dtype=np.uint8))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (50, 8, 8), dtype=np.uint8))
     data = load_dataset(tmp_path / "x.npy")
-    assert data.image_shape == (4, 4) and len(data.test) == 10 and len(data.train) + len(data.valid) == 40
+    assert data.image_shape == (8, 8) and len(data.test) == 10 and len(data.train) + len(data.valid) == 40
     with pytest.raises(DataError, match="no such file"):
         load_dataset(tmp_path / "nope.npz")
