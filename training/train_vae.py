@@ -97,10 +97,10 @@ def _config(args: argparse.Namespace, data: ImageData) -> VAEConfig:
 
 
 def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if len(data.valid) == 0:
         raise ValueError("vae training selects its epoch on validation rows: use --valid-fraction > 0")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
     device = resolve_device(args.device)
     if device.type == "cpu" and getattr(args, "threads", 0):
