@@ -103,7 +103,8 @@ def user_repo(tmp_path_factory) -> tuple[Path, Path, Path]:
         rc = main(["fit", *FITS[fit], *extra, "--dataset", str(root / dataset), "--out", str(runs / name),
                    "--no-export", "--quiet", "--seed", "0"])
         assert rc == 0, f"fitting {name} failed"
-        assert (runs / name / "samples.png").is_file() and not (runs / name / "card.json").exists()
+        plots = ["samples.png"] + (["directions.png"] if fit.startswith("ppca") else ["reconstructions.png"])
+        assert all((runs / name / png).is_file() for png in plots) and not (runs / name / "card.json").exists()
         assert main(["export", str(runs / name), "--out", str(repo / name)]) == 0, f"exporting {name} failed"
     return root, repo, runs
 
@@ -176,8 +177,10 @@ def _check_model(url: str, name: str, runs: Path, upload: bytes, shape: tuple[in
         assert r.status_code == 200, r.text
         body = r.json()
         with torch.no_grad():
-            zs = torch.as_tensor(np.asarray(body["z"]), dtype=torch.float64 if ckpt["kind"] == "ppca" else torch.float32)
-            xs = (model.mu + zs @ model.W.T) if ckpt["kind"] == "ppca" else model.x_mean(zs)
+            if ckpt["kind"] == "ppca":
+                xs = model.mu + torch.as_tensor(np.asarray(body["z"]), dtype=torch.float64) @ model.W.T
+            else:
+                xs = model.x_mean(torch.as_tensor(np.asarray(body["z"]), dtype=torch.float32))
         samples = np.asarray(body["images"])
         assert samples.shape == (3, H, W)
         np.testing.assert_allclose(samples, np.clip(xs.numpy(), 0, 1).reshape(3, H, W), atol=2e-4)
@@ -197,7 +200,7 @@ def _check_model(url: str, name: str, runs: Path, upload: bytes, shape: tuple[in
         if ckpt["kind"] == "ppca":
             from scipy.stats import multivariate_normal
 
-            Wm, mu, s2 = model.W.detach().numpy(), model.mu.detach().numpy(), float(model.sigma2)
+            Wm, mu, s2 = model.W.detach().numpy(), model.mu.detach().numpy(), float(model.sigma2.detach())
             want_ll = multivariate_normal(mu, Wm @ Wm.T + s2 * np.eye(H * W)).logpdf(x[0])
             assert res["log_likelihood_exact"]
             assert math.isclose(res["log_likelihood"], want_ll, rel_tol=1e-4)
