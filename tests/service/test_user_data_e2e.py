@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import math
 import struct
 from pathlib import Path
@@ -151,6 +152,12 @@ def _check_model(url: str, name: str, runs: Path, upload: bytes, shape: tuple[in
             else:
                 want = model.encode(torch.as_tensor(x, dtype=torch.float32))[0]
         np.testing.assert_allclose(res[0]["mean"], want.numpy()[0], atol=2e-4, rtol=1e-4)
+        # the same pixels as JSON: H rows of W numbers, and flat (row-major)
+        r = c.post("/encode", params=q, json={"images": [x.reshape(H, W).tolist(), x[0].tolist()]})
+        assert r.status_code == 200, r.text
+        for got in r.json()["results"]:
+            assert got["original_shape"] == [H, W] and not got["resized"]
+            np.testing.assert_allclose(got["mean"], res[0]["mean"], atol=1e-6)
 
         # /decode as JSON ([H][W] arrays, row-major) and as a PNG of W x H pixels
         z = np.array([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0]], dtype=np.float32)
@@ -214,13 +221,20 @@ def _check_model(url: str, name: str, runs: Path, upload: bytes, shape: tuple[in
         assert math.isclose(res["bits_per_dim"], bpd, rel_tol=1e-6)  # D = H * W: gaussian densities, 256 levels
 
 
-def test_image_folder_png_and_jpeg_resized(user_repo, server):
+def test_image_folder_png_and_jpeg_resized(user_repo, server, capsys):
     root, _, runs = user_repo
     upload = (root / "folder" / "p3.png").read_bytes()
     for name in ("folder-ppca", "folder-vae", "folder-flow-vae"):
         _check_model(server.url, name, runs, upload, FOLDER_SHAPE)
     summary = load_checkpoint(runs / "folder-vae")["meta"]["dataset_summary"]
     assert (summary["n_train"], summary["n_valid"], summary["n_test"]) == (9, 1, 3)
+    # `evaluate` reloads the same split at the fitted --image-size and reproduces the fit's test figure
+    capsys.readouterr()
+    assert main(["evaluate", str(runs / "folder-vae"), "--samples", "4", "--seed", "0"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    metrics = json.loads((runs / "folder-vae" / "metrics.json").read_text())
+    assert figures["n_test"] == 3
+    assert figures["test_log_likelihood"] == pytest.approx(metrics["test_log_likelihood"], rel=1e-6)
 
 
 def test_idx_gzipped_and_not(user_repo, server):

@@ -87,6 +87,9 @@ def test_images_below_the_minimum_size(tmp_path, capsys):
     np.save(tmp_path / "tiny.npy", np.zeros((20, 5, 5), np.uint8))
     err = _fit_error(capsys, tmp_path / "tiny.npy", tmp_path)
     assert "tiny.npy: images of 5x5 pixels are below the minimum size" in err
+    np.save(tmp_path / "x.npy", np.zeros((20, 16, 16), np.uint8))
+    err = _fit_error(capsys, tmp_path / "x.npy", tmp_path, "--image-size", "16", "12")
+    assert "x.npy: --image-size resizes the images of a folder only; this file holds 16x16 images" in err
 
 
 @pytest.mark.parametrize(("array", "message"), [
