@@ -47,3 +47,31 @@ def test_save_image_grid_writes_a_png(tmp_path, n):
     pairs, ncols = plots.paired_rows(a, a)
     path = plots.save_image_grid(pairs, tmp_path / "r.png", "t", ncols=ncols)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("model", "n"), [("vae", 50), ("flow-vae", 48), ("flow-vae", 57), ("vae", 5), ("ppca", 5)])
+def test_fit_on_a_folder_writes_every_plot(tmp_path, model, n):
+    """The reported crash: 50 random 32x32 PNGs (48 and 57 for flow-vae) broke the reconstruction plot; 5 images
+    leave a single test row and a single validation row."""
+    from PIL import Image
+
+    from training.cli import main
+    from training.common import read_json
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    rng = np.random.default_rng(n)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L").save(folder / f"{k:03d}.png")
+    out = tmp_path / "run"
+    small = (["--method", "em", "--iterations", "3", "--latent-dim", "2"] if model == "ppca" else
+             ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--eval-samples", "4"])
+    assert main(["fit", "--model", model, "--dataset", str(folder), "--out", str(out), "--quiet", "--no-export",
+                 *small]) == 0
+    summary = read_json(out / "metrics.json")["dataset"]
+    assert summary["n_train"] + summary["n_valid"] + summary["n_test"] == n
+    if n == 5:
+        assert (summary["n_valid"], summary["n_test"]) == (1, 1)
+    pngs = ["samples.png", "directions.png"] if model == "ppca" else ["samples.png", "reconstructions.png", "elbo.png"]
+    for png in pngs:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
