@@ -349,14 +349,12 @@ def image_channels(im) -> int:
 
 
 def _gray_pixels(im) -> np.ndarray:
-    """A Pillow image -> float64 [H, W] in [0, 1]: ITU-R 601-2 luma ("L"), transparent pixels on white,
-    as the service converts uploads (service/images.py), so that training and serving see the same pixels."""
-    from PIL import Image
+    """A Pillow image -> float64 [H, W] in [0, 1] by the service's own conversion of uploads (ITU-R 601-2
+    luma, transparent pixels on white, 16-bit images scaled by 65535), so that a file is the same pixels
+    in training and in serving."""
+    from service.images import _to_float_gray
 
-    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+    return _to_float_gray(im).astype(np.float64)
 
 
 def _examples(files: list[Path], folder: Path, limit: int = 3) -> str:
@@ -410,8 +408,9 @@ def _load_image_folder(folder: Path, image_size: tuple[int, int] | None) -> np.n
     for f in files:
         x = pixels[f]
         if x.shape != size:
+            # Lanczos on float pixels, then clipped: what the service does to uploads of another size
             resized = Image.fromarray(x.astype(np.float32), mode="F").resize((size[1], size[0]),
-                                                                              Image.Resampling.BILINEAR)
+                                                                              Image.Resampling.LANCZOS)
             x = np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)
         images.append(x)
     return np.stack(images)

@@ -110,3 +110,24 @@ def test_user_dataset_split_and_missing_path(tmp_path):
     assert data.image_shape == (8, 8) and len(data.test) == 10 and len(data.train) + len(data.valid) == 40
     with pytest.raises(DataError, match="no such file"):
         load_dataset(tmp_path / "nope.npz")
+
+
+def test_folder_pixels_are_the_services_pixels(tmp_path):
+    """16-bit and transparent files read as the service reads uploads (Pillow's plain "L" conversion would
+    clip 16-bit values to 255 and drop the alpha channel)."""
+    from service.images import decode_with_pillow, prepare
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 65536, (12, 10), dtype=np.uint16)).save(folder / "a16.png")
+    la = np.stack([rng.integers(0, 256, (12, 10)), rng.integers(0, 256, (12, 10))], -1).astype(np.uint8)
+    Image.fromarray(la, mode="LA").save(folder / "b_alpha.png")
+    Image.fromarray(rng.integers(0, 256, (24, 15), dtype=np.uint8), mode="L").save(folder / "c_big.png")
+    images = load_images(folder)
+    assert images.shape == (3, 12, 10)
+    for got, f in zip(images, sorted(folder.iterdir()), strict=True):
+        served = prepare(decode_with_pillow(f.read_bytes(), f.name, max_pixels=10**6), (12, 10), invert=False,
+                         source=f.name).x
+        np.testing.assert_allclose(got.reshape(-1), served, atol=1e-6)
+    assert images[0].max() < 1.0 and images[0].std() > 0.2  # not clipped to white
