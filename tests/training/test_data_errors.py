@@ -141,3 +141,12 @@ def test_the_process_exits_2_with_the_message(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "no images found (it is empty)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ppca_latent_dim_beyond_the_rows_says_so(tmp_path, capsys):
+    np.save(tmp_path / "twelve.npy", np.random.default_rng(0).integers(0, 256, (12, 16, 16), dtype=np.uint8))
+    code = main(["fit", "--model", "ppca", "--method", "closed-form", "--latent-dim", "10", "--dataset",
+                 str(tmp_path / "twelve.npy"), "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 2
+    assert ("the 9 training rows lie in a subspace of dimension <= latent_dim = 10: sigma2 would be 0 (N rows span "
+            "at most N - 1 = 8 dimensions)") in capsys.readouterr().err
