@@ -299,7 +299,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
 
 def _real_inputs(meta: dict) -> np.ndarray | None:
     """Test rows of the model's dataset, for the parity check on real images (None if unavailable)."""
-    from training.data import DataError, reload_dataset
+    from training.data import reload_dataset
+    from training.user_data import DataError
 
     try:
         data = reload_dataset(meta)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import DataError, binarize, load_dataset, load_idx, load_images, mnist5k_split
+from training.data import binarize, load_dataset, mnist5k_split
+from training.user_data import DataError, load_idx, load_images
 
 
 def _write_idx(path, arr: np.ndarray, code: int = 0x08, compress: bool = False) -> None:

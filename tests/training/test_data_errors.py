@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from training.cli import main
-from training.data import MIN_SIDE
+from training.user_data import MIN_SIDE
 
 ROOT = Path(__file__).resolve().parents[2]
 
