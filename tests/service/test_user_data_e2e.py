@@ -7,8 +7,8 @@ and /log-likelihood, at non-square sizes (H != W both ways) and 16x16. The refer
 models of the checkpoints (and, for PPCA's log-likelihood, scipy's multivariate normal density), fed with
 the pixels of the uploaded files as Pillow reads them, never the service's own code.
 
-The datasets are small on purpose: 13 folder images leave 3 test rows and a single validation row, so
-the plots (once fixed at rows of 8 test images) are exercised with short rows too.
+The datasets are small on purpose: 13 folder images leave 3 test rows and a single validation row, so the
+plots and figures of every fit are made from short rows too.
 """
 
 from __future__ import annotations
