@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from training.data import TEST_FRACTION
+
 # kind -> driver module. A driver provides add_arguments(parser), fit(args, data, out) -> metrics,
 # evaluate(ckpt, args) -> figures and export(ckpt, out, ...) -> card.
 DRIVERS = {
@@ -49,6 +51,9 @@ def _base_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     fit.add_argument("--valid-fraction", type=float, default=0.1,
                      help="share of the training rows held out for validation (never the test rows)")
+    fit.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
+                     help="share of the rows of user data (and digits) held out as test rows (the MNIST sets keep "
+                          "their fixed 1,000 test rows)")
     fit.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                      help="resize images of a user folder to H x W (default: the first image's size)")
     fit.add_argument("--no-export", action="store_true", help="do not export ONNX graphs into --out")
@@ -115,7 +120,8 @@ def _fit(driver: ModuleType, args: argparse.Namespace) -> int:
     from training.data import load_dataset
 
     image_size = tuple(args.image_size) if args.image_size else None
-    data = load_dataset(args.dataset, valid_fraction=args.valid_fraction, image_size=image_size)
+    data = load_dataset(args.dataset, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
+                        image_size=image_size)
     metrics = driver.fit(args, data, args.out)
     if not args.no_export:
         from training.export import export_checkpoint

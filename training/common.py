@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from training.data import TEST_FRACTION
+
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 LOG2 = math.log(2.0)
@@ -56,6 +58,7 @@ def run_meta(args, data, settings: dict, history: dict | list) -> dict:
         "dataset": str(args.dataset),
         "dataset_summary": data.summary(),
         "valid_fraction": args.valid_fraction,
+        "test_fraction": getattr(args, "test_fraction", TEST_FRACTION),
         "image_shape": list(data.image_shape),
         "training": settings,
         "history": history,

@@ -299,10 +299,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
 
 def _real_inputs(meta: dict) -> np.ndarray | None:
     """Test rows of the model's dataset, for the parity check on real images (None if unavailable)."""
-    from training.data import DataError, load_dataset
+    from training.data import reload_dataset
+    from training.user_data import DataError
 
     try:
-        data = load_dataset(meta["dataset"], valid_fraction=meta.get("valid_fraction", 0.1))
+        data = reload_dataset(meta)
     except (DataError, OSError, ValueError) as e:
         log.warning("parity on real inputs skipped: cannot reload dataset %r (%s)", meta.get("dataset"), e)
         return None

@@ -17,24 +17,53 @@ def _pyplot():
     return plt
 
 
+def as_images(rows: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Flattened rows [N, D] (row-major, as the models see them) -> images [N, *image_shape]."""
+    rows = np.asarray(rows)
+    return rows.reshape(len(rows), *image_shape)
+
+
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile images [N, H, W] into one array, `pad` background pixels between tiles."""
+    """Tile images [N, H, W] (or [N, H, W, C]) into one array, `pad` background pixels between tiles.
+
+    Any N >= 1 works: at most `ncols` tiles a row (default: a square-ish grid), the last row left short.
+    """
     images = np.asarray(images)
-    if images.ndim != 3:
-        raise ValueError(f"expected images of shape [N, H, W], got {images.shape}")
-    n, h, w = images.shape
-    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    if images.ndim not in (3, 4) or len(images) == 0:
+        raise ValueError(f"expected one or more images of shape [N, H, W] or [N, H, W, C], got {images.shape}")
+    n, h, w = images.shape[:3]
+    ncols = min(ncols or int(np.ceil(np.sqrt(n))), n)
     nrows = int(np.ceil(n / ncols))
-    grid = np.zeros((nrows * (h + pad) - pad, ncols * (w + pad) - pad), dtype=images.dtype)
+    grid = np.zeros((nrows * (h + pad) - pad, ncols * (w + pad) - pad, *images.shape[3:]), dtype=images.dtype)
     for k, im in enumerate(images):
         r, c = divmod(k, ncols)
         grid[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = im
     return grid
 
 
+def paired_rows(first: np.ndarray, second: np.ndarray, ncols: int = 8) -> tuple[np.ndarray, int]:
+    """Interleave two equally long image stacks row by row: `ncols` of `first`, then the same `ncols` of
+    `second` (e.g. test images over their reconstructions), for any N >= 1.
+
+    Returns the images for :func:`image_grid` and the number of columns to tile them with; a short last
+    row is filled with blank (zero) tiles so that every image sits right above its partner.
+    """
+    first, second = np.asarray(first), np.asarray(second)
+    if first.shape != second.shape or len(first) == 0:
+        raise ValueError(f"expected two non-empty image stacks of one shape, got {first.shape} and {second.shape}")
+    n = len(first)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    blank = np.zeros((nrows * ncols - n, *first.shape[1:]), dtype=first.dtype)
+    a = np.concatenate([first, blank]).reshape(nrows, 1, ncols, *first.shape[1:])
+    b = np.concatenate([second, blank]).reshape(nrows, 1, ncols, *first.shape[1:])
+    return np.concatenate([a, b], axis=1).reshape(-1, *first.shape[1:]), ncols
+
+
 def save_image_grid(images: np.ndarray, path: str | Path, title: str, *, ncols: int | None = None,
                     cmap: str = "gray", symmetric: bool = False) -> Path:
-    """Save images [N, H, W] as one titled PNG; `symmetric` centres the colour map on 0 (signed images)."""
+    """Save images [N, H, W] (or [N, H, W, 3]) as one titled PNG; `symmetric` centres the colour map on 0
+    (signed single-channel images)."""
     plt = _pyplot()
     grid = image_grid(images, ncols)
     fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / max(grid.shape[1], 1) + 0.4))

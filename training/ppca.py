@@ -150,7 +150,9 @@ def closed_form(x: Tensor, latent_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     total = xc.pow(2).sum() / N  # trace(S): the sum of all D eigenvalues, also those beyond rank N
     sigma2 = (total - lam[:latent_dim].sum()) / (D - latent_dim)
     if not sigma2 > 0:
-        raise ValueError("the data lie in a subspace of dimension <= latent_dim: sigma2 would be 0")
+        raise ValueError(f"the {N} training rows lie in a subspace of dimension <= latent_dim = {latent_dim}: "
+                         f"sigma2 would be 0 (N rows span at most N - 1 = {N - 1} dimensions); use a latent_dim "
+                         "below the rank of the centred data, or more rows")
     W = Vh[:latent_dim].T * (lam[:latent_dim] - sigma2).clamp_min(0.0).sqrt()
     return mu, W, sigma2
 

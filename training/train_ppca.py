@@ -22,7 +22,7 @@ from training.common import (
     seed_everything,
     write_json,
 )
-from training.data import ImageData, load_dataset
+from training.data import ImageData, reload_dataset
 from training.ppca import (
     PPCA,
     PPCAConfig,
@@ -162,18 +162,18 @@ def _figures(model: PPCA, data: ImageData, chunk_size: int) -> dict:
 
 @torch.no_grad()
 def _plots(model: PPCA, data: ImageData, history: list[float], method: str, out: Path) -> None:
-    H, W = data.image_shape
     if len(history) > 1:
         plots.save_curves({"train": history}, out / "loglik.png", title=f"PPCA ({method}) log-likelihood",
                           xlabel="iteration" if method == "em" else "epoch", ylabel="nats / image")
     # W is identified up to a rotation W R; its left singular vectors are the principal directions
     # whatever R the fit ended in (EM and SEM do not align them), ordered by the variance they explain.
     U, s, _ = np.linalg.svd(model.W.detach().numpy(), full_matrices=False)
-    directions = (U[:, :16] * s[:16]).T.reshape(-1, H, W)
+    directions = plots.as_images((U[:, :16] * s[:16]).T, data.image_shape)
     plots.save_image_grid(directions, out / "directions.png", "principal directions (left singular vectors of W)",
                           symmetric=True)
     x, _ = model.sample(16, torch.Generator().manual_seed(0))
-    plots.save_image_grid(x.clamp(0, 1).numpy().reshape(-1, H, W), out / "samples.png", "samples x ~ p(x)")
+    plots.save_image_grid(plots.as_images(x.clamp(0, 1).numpy(), data.image_shape), out / "samples.png",
+                          "samples x ~ p(x)")
 
 
 def build_model(ckpt: dict) -> PPCA:
@@ -186,8 +186,7 @@ def evaluate(ckpt: dict, args: argparse.Namespace) -> dict:
     """Test figures of a fitted PPCA: the exact log-likelihood (no sampling involved)."""
     model = build_model(ckpt)
     meta = ckpt["meta"]
-    data = load_dataset(meta["dataset"], valid_fraction=meta["valid_fraction"],
-                        image_size=tuple(meta["image_shape"]) if Path(meta["dataset"]).is_dir() else None)
+    data = reload_dataset(meta)
     x = torch.as_tensor(data.test, dtype=torch.float64)
     ll = mean_log_prob(model, x)
     return {

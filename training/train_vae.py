@@ -31,7 +31,7 @@ from training.common import (
     seed_everything,
     write_json,
 )
-from training.data import ImageData, load_dataset
+from training.data import ImageData, reload_dataset
 from training.vae import ACTIVATIONS, FLOW_TYPES, LIKELIHOODS, VAE, VAEConfig
 
 DEFAULT_FLOWS = {"vae": 0, "flow-vae": 10}
@@ -97,10 +97,10 @@ def _config(args: argparse.Namespace, data: ImageData) -> VAEConfig:
 
 
 def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if len(data.valid) == 0:
         raise ValueError("vae training selects its epoch on validation rows: use --valid-fraction > 0")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
     device = resolve_device(args.device)
     if device.type == "cpu" and getattr(args, "threads", 0):
@@ -276,18 +276,18 @@ def _figures(model: VAE, data: ImageData, *, S: int, chunk: int, seed: int, devi
 
 @torch.no_grad()
 def _plots(model: VAE, data: ImageData, history: dict[str, list[float]], kind: str, out: Path) -> None:
-    H, W = data.image_shape
     plots.save_curves(history, out / "elbo.png", title=f"{kind}: ELBO per epoch", xlabel="epoch",
                       ylabel="nats / image")
     x = model.sample(64, torch.Generator().manual_seed(0))
-    plots.save_image_grid(x.clamp(0, 1).numpy().reshape(-1, H, W), out / "samples.png",
+    plots.save_image_grid(plots.as_images(x.clamp(0, 1).numpy(), data.image_shape), out / "samples.png",
                           "samples: E[x | z], z ~ N(0, I)", ncols=8)
     test = torch.as_tensor(data.test[:32], dtype=torch.float32)
     recon = model.reconstruct(test).clamp(0, 1)
-    # rows alternate: 8 test images, then their reconstructions
-    pairs = torch.stack([test.reshape(-1, 8, H * W), recon.reshape(-1, 8, H * W)], 1).reshape(-1, H, W)
-    plots.save_image_grid(pairs.numpy(), out / "reconstructions.png",
-                          "test images (odd rows) and reconstructions (even rows)", ncols=8)
+    # rows alternate: up to 8 test images, then their reconstructions
+    pairs, ncols = plots.paired_rows(plots.as_images(test.numpy(), data.image_shape),
+                                     plots.as_images(recon.numpy(), data.image_shape), ncols=8)
+    plots.save_image_grid(pairs, out / "reconstructions.png",
+                          "test images (odd rows) and reconstructions (even rows)", ncols=ncols)
 
 
 def build_model(ckpt: dict) -> VAE:
@@ -302,8 +302,7 @@ def evaluate(ckpt: dict, args: argparse.Namespace) -> dict:
     device = resolve_device(getattr(args, "device", "cpu"))
     model = build_model(ckpt)
     meta = ckpt["meta"]
-    data = load_dataset(meta["dataset"], valid_fraction=meta["valid_fraction"],
-                        image_size=tuple(meta["image_shape"]) if Path(meta["dataset"]).is_dir() else None)
+    data = reload_dataset(meta)
     figures = _figures(model, data, S=args.samples, chunk=getattr(args, "chunk", 50_000), seed=args.seed,
                        device=device, splits=("test",))
     return {

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import DataError, binarize, load_dataset, load_idx, load_images, mnist5k_split
+from training.data import binarize, load_dataset, mnist5k_split
+from training.user_data import DataError, load_idx, load_images
 
 
 def _write_idx(path, arr: np.ndarray, code: int = 0x08, compress: bool = False) -> None:
@@ -54,12 +55,12 @@ def test_binarize_is_seeded_and_matches_probabilities():
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_idx_roundtrip(tmp_path, compress):
-    arr = np.random.default_rng(0).integers(0, 256, (7, 5, 4), dtype=np.uint8)
+    arr = np.random.default_rng(0).integers(0, 256, (7, 10, 8), dtype=np.uint8)
     path = tmp_path / ("images-idx3-ubyte" + (".gz" if compress else ""))
     _write_idx(path, arr, compress=compress)
     assert np.array_equal(load_idx(path), arr)
     images = load_images(path)
-    assert images.shape == (7, 5, 4) and np.allclose(images, arr / 255.0)
+    assert images.shape == (7, 10, 8) and np.allclose(images, arr / 255.0)
 
 
 def test_idx_truncated_names_file_and_fault(tmp_path):
@@ -75,9 +76,9 @@ def test_idx_truncated_names_file_and_fault(tmp_path):
 
 
 def test_npz_and_npy(tmp_path):
-    arr = np.random.default_rng(0).random((6, 3, 3))
+    arr = np.random.default_rng(0).random((6, 8, 8))
     np.save(tmp_path / "a.npy", arr)
-    np.savez(tmp_path / "b.npz", x=arr.reshape(6, 9), y=np.arange(6))
+    np.savez(tmp_path / "b.npz", x=arr.reshape(6, 64), y=np.arange(6))
     assert np.allclose(load_images(tmp_path / "a.npy"), arr)
     assert np.allclose(load_images(tmp_path / "b.npz"), arr)
     np.save(tmp_path / "c.npy", arr * 3)
@@ -95,18 +96,39 @@ def test_image_folder_grayscale_and_resize(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(folder / "a.png")
-    Image.fromarray(np.zeros((20, 20), np.uint8)).save(folder / "b.jpg")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "b.jpg")  # colour files only: gray
     images = load_images(folder, image_size=(8, 8))
     assert images.shape == (2, 8, 8)
     assert np.allclose(images[0], 1.0) and np.allclose(images[1], 0.0, atol=0.02)
     (folder / "c.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"c\.png: not a readable image"):
+    with pytest.raises(DataError, match=r"1 of 3 image files are not readable images: c\.png \("):
         load_images(folder)
 
 
 def test_user_dataset_split_and_missing_path(tmp_path):
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (50, 4, 4), dtype=np.uint8))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (50, 8, 8), dtype=np.uint8))
     data = load_dataset(tmp_path / "x.npy")
-    assert data.image_shape == (4, 4) and len(data.test) == 10 and len(data.train) + len(data.valid) == 40
+    assert data.image_shape == (8, 8) and len(data.test) == 10 and len(data.train) + len(data.valid) == 40
     with pytest.raises(DataError, match="no such file"):
         load_dataset(tmp_path / "nope.npz")
+
+
+def test_folder_pixels_are_the_services_pixels(tmp_path):
+    """16-bit and transparent files read as the service reads uploads (Pillow's plain "L" conversion would
+    clip 16-bit values to 255 and drop the alpha channel)."""
+    from service.images import decode_with_pillow, prepare
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 65536, (12, 10), dtype=np.uint16)).save(folder / "a16.png")
+    la = np.stack([rng.integers(0, 256, (12, 10)), rng.integers(0, 256, (12, 10))], -1).astype(np.uint8)
+    Image.fromarray(la, mode="LA").save(folder / "b_alpha.png")
+    Image.fromarray(rng.integers(0, 256, (24, 15), dtype=np.uint8), mode="L").save(folder / "c_big.png")
+    images = load_images(folder)
+    assert images.shape == (3, 12, 10)
+    for got, f in zip(images, sorted(folder.iterdir()), strict=True):
+        served = prepare(decode_with_pillow(f.read_bytes(), f.name, max_pixels=10**6), (12, 10), invert=False,
+                         source=f.name).x
+        np.testing.assert_allclose(got.reshape(-1), served, atol=1e-6)
+    assert images[0].max() < 1.0 and images[0].std() > 0.2  # not clipped to white
