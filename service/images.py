@@ -42,8 +42,8 @@ class PreparedImage:
     source: str  # file name or "images[i]"
 
 
-def _to_float_gray(img: Image.Image) -> np.ndarray:
-    """A decoded Pillow image -> float32 [H, W] in [0, 1].
+def to_float_gray(img: Image.Image) -> np.ndarray:
+    """A decoded Pillow image -> float32 [H, W] in [0, 1]; training reads image folders with it too (one conversion).
 
     Integer samples are divided by their type's largest value (65535 for 16 bits, 2**31 - 1 or 2**32 - 1
     for 32), never by the image's own maximum: a dim 16-bit image stays dim. Float samples ("F": 32-bit
@@ -205,7 +205,7 @@ def decode_with_pillow(data: bytes, source: str, *, max_pixels: int) -> np.ndarr
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated GIF / multi-page TIFF: the first frame
         img.load()
-        return _to_float_gray(img)
+        return to_float_gray(img)
 
 
 @contextlib.contextmanager

@@ -177,9 +177,9 @@ def _gray_pixels(im) -> np.ndarray:
     """A Pillow image -> float64 [H, W] in [0, 1] by the service's own conversion of uploads (ITU-R 601-2
     luma, transparent pixels on white, 16-bit images scaled by 65535), so that a file is the same pixels
     in training and in serving."""
-    from service.images import _to_float_gray
+    from service.images import to_float_gray
 
-    return _to_float_gray(im).astype(np.float64)
+    return to_float_gray(im).astype(np.float64)
 
 
 def _examples(files: list[Path], folder: Path, limit: int = 3) -> str:
