@@ -5,10 +5,9 @@ at once. ONNX Runtime's arena would keep it for good, so the bound graph's calls
 the arena after each call (service/runtime.py); the memory then goes back to glibc, which keeps freed
 memory in its arenas (one per thread that allocated, up to 8 x cores): the process would stay at its
 peak long after the request. After a request whose work is at least `trim_after_work`, `malloc_trim(0)`
-runs in a worker thread and hands every free page back. Measured on vae-mnist with 16 images x 5000
-samples (bench/service_heavy.py): resident memory 2 s after the request, against a baseline of 176-247 MB:
-no trim 282 MB (ORT arena kept) or 384-469 MB (no ORT arena); MALLOC_ARENA_MAX=2 without trim 259-283
-MB; with the arena shrunk and malloc_trim 190-222 MB. Elsewhere than glibc (musl, macOS) it does nothing.
+runs in a worker thread and hands every free page back. Which of these brings resident memory back
+to its baseline, measured against MALLOC_ARENA_MAX and without trimming: docs/benchmarks.md ("Service
+memory"). Elsewhere than glibc (musl, macOS) it does nothing.
 """
 
 from __future__ import annotations
