@@ -53,6 +53,10 @@ CONTRACT = {
     "loglik": (["x"], ["log_px"]),
 }
 FLOW_OUTPUTS = ["flow_u", "flow_w", "flow_b"]
+# Bound-graph calls of more samples than this shrink ONNX Runtime's arena afterwards. Shrinking costs about
+# half of a 1000-sample call (docs/benchmarks.md, "Service: heavy requests"); what a smaller call leaves in
+# the arena (a few MB) is reused by the next one.
+SHRINK_ABOVE_SAMPLES = 1024
 
 
 class QueueFullError(Exception):
@@ -103,12 +107,12 @@ class GraphRunner:
         # of its calls is one row: nothing to pad, and a row's result cannot depend on neighbours it has none of.
         self.pad = 1 if role == "bound" else settings.batch_pad_multiple
         self.rows_per_call = self.pad
-        self._run_options = None
+        self._shrink = None
         if role == "bound" and settings.ort_cpu_arena:
-            # Its calls are the large ones: hand their memory back to malloc after each (then malloc_trim,
-            # service/memory.py), while the small calls of the other graphs keep the arena's speed.
-            self._run_options = ort.RunOptions()
-            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            # Its large calls hand their memory back to malloc after each (then malloc_trim, service/memory.py),
+            # while smaller calls, and the other graphs' calls, keep the arena's speed (SHRINK_ABOVE_SAMPLES).
+            self._shrink = ort.RunOptions()
+            self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._queue: asyncio.Queue[_Item] | None = None
         self._carry: deque[_Item] = deque()
         self._workers: list[asyncio.Task] = []
@@ -141,10 +145,11 @@ class GraphRunner:
         padded = -(-n // P) * P
         if padded != n:
             feeds = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
+        options = self._shrink if self._shrink is not None and feeds["eps"].shape[1] > SHRINK_ABOVE_SAMPLES else None
         if padded == P:
-            outs = self.session.run(self.output_names, feeds, self._run_options)
+            outs = self.session.run(self.output_names, feeds, options)
         else:
-            parts = [self.session.run(self.output_names, {k: v[i:i + P] for k, v in feeds.items()}, self._run_options)
+            parts = [self.session.run(self.output_names, {k: v[i:i + P] for k, v in feeds.items()}, options)
                      for i in range(0, padded, P)]
             outs = [np.concatenate(o) for o in zip(*parts, strict=True)]
         return ([o[:n] for o in outs] if padded != n else outs), padded // P
