@@ -914,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(classes, results, baselines, extra, args)
     from bench.report import publish
 
-    publish("Service under hostile requests (issue 11)", text, module="bench.service_hostile",
+    publish("Service under hostile requests", text, module="bench.service_hostile",
             save=not (args.no_report or args.quick))
     return 0
 
