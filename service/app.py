@@ -1,6 +1,7 @@
 """The FastAPI app: factory, lifespan, dependencies and thin route handlers.
 
-    uvicorn --factory service.app:create_app      # or: python -m service
+    python -m service                             # uvicorn with read deadlines and a draining shutdown
+    uvicorn --factory service.app:create_app      # the same app without those (service/server.py)
 """
 
 from __future__ import annotations
