@@ -93,6 +93,9 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None,
         if models:
             dims = [m.card.latent_dim for m in models]
             z["items"]["minItems"], z["items"]["maxItems"] = min(dims), max(dims)
+            default = next((m for m in models if m.name == default_model), None)
+            if default is not None:  # the example is a code of the default model (no `model` parameter)
+                comps["DecodeRequest"]["examples"] = [{"z": [[0.0] * default.card.latent_dim]}]
     work = bound.max_work(settings)
     schema["info"]["description"] = schema["info"].get("description", "") + (
         f"\n\nLimits of this service: {settings.max_body_bytes} bytes per request body; {settings.max_images} "
