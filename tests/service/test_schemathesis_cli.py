@@ -21,7 +21,7 @@ def test_schemathesis_cli_all_checks(live):
     if not st.is_file():
         pytest.skip("the schemathesis CLI (st) is not installed next to this Python")
     # A bounded run (about 15 s on 2 cores): every phase, few examples per operation, one worker.
-    cmd = [str(st), "run", f"{live.url}/openapi.json", "--checks", "all", "--max-examples", "10", "--workers", "1",
+    cmd = [str(st), "run", f"{live.url}/openapi.json", "--checks", "all", "--max-examples", "25", "--workers", "1",
            "--continue-on-failure", "--no-color"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
