@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from service import bound
 from service.inputs import QUERY_LIMITS
 from service.schemas import DecodeRequest, ImagesJSON
 from service.settings import Settings
@@ -46,13 +47,19 @@ _DECODE_BODY = {
 _BODY_SCHEMAS = (ImagesJSON, DecodeRequest)
 
 
-def openapi_limits(schema: dict, settings: Settings, models: list | None = None) -> dict:
+def openapi_limits(schema: dict, settings: Settings, models: list | None = None,
+                   default_model: str | None = None) -> dict:
     """Write the live Settings' limits into an OpenAPI schema (in place; returned): the query parameters'
     maxima (QUERY_LIMITS), images and codes per request, and the limits' values in the API description.
 
-    With the loaded `models`, also the lengths that depend on them: a flat JSON image holds D values and
-    a latent code latent_dim values, D and latent_dim of the model named (bounded here by the smallest
-    and largest loaded; exact when the models agree).
+    With the loaded `models`, also what depends on them: the `model` query parameter is one of their
+    names, a flat JSON image holds D values and a latent code latent_dim values, D and latent_dim of the
+    model named (bounded here by the smallest and largest loaded; exact when the models agree).
+
+    What JSON Schema cannot state (a length that depends on the `model` parameter, a product of a query
+    parameter and the body's length) is written as data in the `x-latentserve` extension: the loaded
+    models' sizes and the limits on such products, for clients and for the schemathesis hooks
+    (tests/schemathesis_hooks.py) to read.
     """
     for path_item in schema.get("paths", {}).values():
         for op in path_item.values():
@@ -60,6 +67,11 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None)
                 setting = QUERY_LIMITS.get(param.get("name")) if param.get("in") == "query" else None
                 if setting is not None:
                     _set_maximum(param["schema"], getattr(settings, setting))
+                if models and param.get("in") == "query" and param.get("name") == "model":
+                    for s in param["schema"].get("anyOf", [param["schema"]]):
+                        if s.get("type") == "string":
+                            s["enum"] = sorted(m.name for m in models)
+                    param["schema"]["examples"] = [default_model or sorted(m.name for m in models)[0]]
             content = op.get("requestBody", {}).get("content", {}) if isinstance(op, dict) else {}
             form = content.get("multipart/form-data", {}).get("schema", {}).get("properties", {}).get("images")
             if form is not None:
@@ -69,7 +81,8 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None)
         images = comps["ImagesJSON"]["properties"]["images"]
         images["maxItems"] = settings.max_images
         flat, rows = images["items"]["oneOf"]
-        flat["maxItems"] = rows["maxItems"] = rows["items"]["maxItems"] = settings.max_image_pixels
+        flat["maxItems"] = rows["maxItems"] = rows["items"]["maxItems"] = min(settings.max_image_pixels,
+                                                                             settings.max_json_pixels)
         if models:
             dims = [m.card.data_dim for m in models]
             flat["minItems"], flat["maxItems"] = min(dims), max(dims)
@@ -80,14 +93,28 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None)
         if models:
             dims = [m.card.latent_dim for m in models]
             z["items"]["minItems"], z["items"]["maxItems"] = min(dims), max(dims)
+            default = next((m for m in models if m.name == default_model), None)
+            if default is not None:  # the example is a code of the default model (no `model` parameter)
+                comps["DecodeRequest"]["examples"] = [{"z": [[0.0] * default.card.latent_dim]}]
+    work = bound.max_work(settings)
     schema["info"]["description"] = schema["info"].get("description", "") + (
         f"\n\nLimits of this service: {settings.max_body_bytes} bytes per request body; {settings.max_images} "
         f"images or latent codes per request; {settings.max_image_pixels} pixels per image file and "
         f"{settings.max_request_pixels} per request (declared width x height, checked before decoding); "
         f"{settings.max_json_pixels} values in the JSON images of one request; "
-        f"n <= {settings.max_samples} samples; samples <= {settings.max_importance_samples} importance samples; "
-        f"temperature <= {settings.max_temperature:g}; scale <= {settings.max_png_scale}; |z| <= "
+        f"n <= {settings.max_samples} samples; samples <= {settings.max_importance_samples} importance samples, "
+        f"and images x samples <= {work} per POST /log-likelihood; "
+        f"temperature <= {settings.max_temperature:g}; scale <= {settings.max_png_scale}, and a PNG answer of at "
+        f"most {settings.max_response_pixels} pixels (width x height of the grid, scale included); |z| <= "
         f"{settings.max_latent_abs:g}. JSON bodies: UTF-8, nested at most 1024 levels, numbers within float range.")
+    schema["x-latentserve"] = {
+        "default_model": default_model,
+        "models": {m.name: {"image_shape": list(m.card.image_shape), "data_dim": m.card.data_dim,
+                            "latent_dim": m.card.latent_dim} for m in models or ()},
+        "limits": {"max_json_pixels": settings.max_json_pixels, "max_request_pixels": settings.max_request_pixels,
+                   "max_response_pixels": settings.max_response_pixels, "max_png_scale": settings.max_png_scale,
+                   "log_likelihood_work": work, "default_importance_samples": settings.default_importance_samples},
+    }
     return schema
 
 

@@ -87,7 +87,7 @@ def resolve_model(request: Request, name: str | None) -> LoadedModel:
                                         else "the models are still loading")
         raise ProblemError(503, "Not ready", detail, slug="not-ready",
                            headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
-    name = name or runtime.default_model
+    name = runtime.default_model if name is None else name  # an empty name names no model (404)
     request.state.model = name
     if name in runtime.models:
         return runtime.models[name]
@@ -168,7 +168,8 @@ def _openapi(app: FastAPI) -> dict:
         }
         schema["security"] = [{"apiKey": []}, {"bearer": []}]
     runtime: Runtime = app.state.runtime
-    openapi_limits(schema, app.state.settings, list(runtime.models.values()) if runtime.ready else None)
+    openapi_limits(schema, app.state.settings, list(runtime.models.values()) if runtime.ready else None,
+                   runtime.default_model)
     if runtime.ready:  # the schema states the loaded models' sizes: kept once they are known
         app.openapi_schema = schema
     return schema
@@ -406,11 +407,10 @@ async def log_likelihood(request: Request) -> Response:
         S, seed = None, None
     else:
         S = q.samples or settings.default_importance_samples  # at most max_importance_samples (read_query)
-        work = N * S
-        if work > settings.max_images * settings.max_importance_samples // 4:
-            raise ProblemError(413, "Too much work", f"{N} images x {S} samples = {N * S} evaluations; the limit "
-                               f"is {settings.max_images * settings.max_importance_samples // 4}: send fewer images "
-                               "or samples", slug="too-much-work")
+        work, limit = N * S, bound.max_work(settings)
+        if work > limit:
+            raise ProblemError(413, "Too much work", f"{N} images x {S} samples = {work} evaluations; the limit "
+                               f"is {limit}: send fewer images or samples", slug="too-much-work")
         seed = secrets.randbits(63) if q.seed is None else q.seed
         runtime: Runtime = request.app.state.runtime
         plan = bound.plan(N, S, settings.bound_chunk_rows)

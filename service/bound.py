@@ -25,6 +25,11 @@ from service.postprocess import NonFiniteOutputError, Offload
 from service.runtime import GraphRunner
 
 
+def max_work(settings) -> int:
+    """Largest N x S (images x importance samples) of one POST /log-likelihood; 413 beyond it."""
+    return settings.max_images * settings.max_importance_samples // 4
+
+
 @dataclass(frozen=True)
 class BoundPlan:
     images: int  # N

@@ -84,7 +84,9 @@ class LogLikelihoodQuery(ModelQuery):
 class ImagesJSON(BaseModel):
     """JSON alternative to the multipart upload."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [_EXAMPLE_IMAGE_8x8]}]})
+    # extra="forbid": the body holds nothing but its images, which lets service/inputs.py bound its values
+    # from a count of its commas before parsing it
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"images": [_EXAMPLE_IMAGE_8x8]}]})
     images: list[ImageArray] = Field(..., min_length=1, description="one or more images")
 
 
