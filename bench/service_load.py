@@ -64,16 +64,17 @@ def _start(kind: str, args, batching: bool = True) -> tuple[subprocess.Popen, in
     port = _free_port()
     env = dict(os.environ, LATENTSERVE_MODELS_DIR=str(args.models_dir), LATENTSERVE_LOG_LEVEL="warning",
                LATENTSERVE_BATCHING=str(batching).lower(), LATENTSERVE_DEFAULT_MODEL=args.model)
-    if kind == "service":
+    if kind in ("service", "base"):  # base: the service of another checkout (--base), e.g. before a change
         cmd = [sys.executable, "-m", "service", "--port", str(port)]
     else:
         cmd = [sys.executable, "-m", "bench.service_load", "--serve", kind, "--port", str(port),
                "--checkpoint", str(args.checkpoint), "--model", args.model]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cwd = args.base if kind == "base" else ROOT
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import httpx
 
     deadline = time.monotonic() + 120
-    ready_path = "/ready" if kind == "service" else "/docs"
+    ready_path = "/ready" if kind in ("service", "base") else "/docs"
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status_code == 200:
@@ -171,10 +172,11 @@ def _median(xs: list[float]) -> float:
     return float(np.median(xs))
 
 
-def _cells_table(rows: dict[tuple[str, int], list[dict]], clients: list[int], repeats: int) -> list[str]:
+def _cells_table(rows: dict[tuple[str, int], list[dict]], clients: list[int], repeats: int,
+                 servers: list[tuple[str, str, bool]]) -> list[str]:
     lines = ["| server | clients | req/s | p50 ms | p99 ms | requests | errors |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for label, _, _ in SERVERS:
+    for label, _, _ in servers:
         for c in clients:
             runs = rows[(label, c)]
             rps = [r["rps"] for r in runs]
@@ -197,13 +199,17 @@ def _goals(rows: dict[tuple[str, int], list[dict]], c: int, rss: float) -> list[
     def rng(xs, fmt):
         return "" if len(xs) == 1 else f" (rounds: {', '.join(fmt % x for x in xs)})"
 
+    base = rows.get(("service at --base, batching", c))
+    vs_base = [] if base is None else [a["rps"] / b["rps"] for a, b in zip(svc, base, strict=True)]
     return [f"| goal at {c} clients (service, batching) | median over rounds | goal |", "| --- | --- | --- |",
             f"| share of the trivial endpoint's req/s | {100 * _median(share):.0f} %{rng(share, '%.2f')} | >= 70 % |",
             f"| share of the raw-body endpoint's req/s (a stricter ceiling; no goal) | {100 * _median(share_raw):.0f} %"
             f"{rng(share_raw, '%.2f')} | - |",
             f"| multiple of the naive torch endpoint | {_median(times):.1f}x{rng(times, '%.1f')} | >= 3x |",
             f"| p99 latency | {_median(p99):.1f} ms{rng(p99, '%.1f')} | <= 50 ms |",
-            f"| resident memory (3 default models loaded) | {rss:.0f} MB | <= 300 MB |"]
+            f"| resident memory (3 default models loaded) | {rss:.0f} MB | <= 300 MB |"] + (
+            [f"| req/s against the service at --base (the code before a change) | {100 * _median(vs_base):.0f} %"
+             f"{rng(vs_base, '%.2f')} | no regression beyond noise |"] if vs_base else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds; each starts every server once, in turn, so that a drift of the machine's speed "
                         "hits all of them alike (cells report the median and the range)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="another checkout (e.g. the code before a change): its service runs alongside in every round")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--httpx", action="store_true", help="use the asyncio + httpx load generator even if wrk is here")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
@@ -241,14 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((H, W)) * 255).astype(np.uint8)).save(buf, "PNG")
     png = buf.getvalue()
-    rows: dict[tuple[str, int], list[dict]] = {(label, c): [] for label, _, _ in SERVERS for c in args.clients}
+    servers = SERVERS + ([("service at --base, batching", "base", True)] if args.base else [])
+    rows: dict[tuple[str, int], list[dict]] = {(label, c): [] for label, _, _ in servers for c in args.clients}
     rss: dict[str, float] = {}
     use_wrk = shutil.which("wrk") is not None and not args.httpx
     workdir = Path(tempfile.mkdtemp(prefix="latentserve-load-"))
     generator = ("wrk (1 thread, C)" if use_wrk else "asyncio + httpx (install wrk for a lighter load generator: "
                  "apt-get install wrk)")
     for round_ in range(1, args.repeats + 1):
-        for label, kind, batching in SERVERS:
+        for label, kind, batching in servers:
             proc, port = _start(kind, args, batching)
             try:
                 for clients in args.clients:
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {round_}/{args.repeats} {label:26s} c={clients:3d} {res['rps']:8.1f} req/s  "
                           f"p50 {res['p50']:7.2f} ms  p99 {res['p99']:7.2f} ms  n={res['n']} errors={res['errors']}",
                           flush=True)
-                if kind == "service":
+                if kind in ("service", "base"):
                     rss[label] = max(rss.get(label, 0.0), _rss_mb(proc.pid))
             finally:
                 proc.terminate()
@@ -270,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
             f"({generator}), one uvicorn process per server, {args.seconds:g} s per cell"
             + ("" if use_wrk else f" or {args.requests} requests") + f", {args.repeats} round(s): every server "
             "started once per round, in turn. Cells give the median over rounds (req/s: and the range).", ""]
-    body += _cells_table(rows, args.clients, args.repeats)
+    body += _cells_table(rows, args.clients, args.repeats, servers)
     body += ["", "Resident memory of the service process after its runs: "
              + ", ".join(f"{k}: {v:.0f} MB" for k, v in rss.items()) + ".", ""]
     body += _goals(rows, max(args.clients), rss["service, batching"])
     text = "\n".join(body)
     from bench.report import publish
 
-    publish("Service load (POST /encode)", text, module="bench.service_load", save=not args.no_report)
+    publish(f"Service load (POST /encode, {args.model})", text, module="bench.service_load", save=not args.no_report)
     return 0
 
 
