@@ -62,7 +62,7 @@ def serve(kind: str, port: int, checkpoint: str, model: str) -> None:
 
 def _start(kind: str, args, batching: bool = True) -> tuple[subprocess.Popen, int]:
     port = _free_port()
-    env = dict(os.environ, LATENTSERVE_MODELS_DIR=str(args.models_dir), LATENTSERVE_LOG_LEVEL="warning",
+    env = dict(os.environ, LATENTSERVE_MODELS_DIR=str(args.models_dir.resolve()), LATENTSERVE_LOG_LEVEL="warning",
                LATENTSERVE_BATCHING=str(batching).lower(), LATENTSERVE_DEFAULT_MODEL=args.model)
     if kind in ("service", "base"):  # base: the service of another checkout (--base), e.g. before a change
         cmd = [sys.executable, "-m", "service", "--port", str(port)]

@@ -230,7 +230,10 @@ class VAE(nn.Module):
 
 
 class EncoderGraph(nn.Module):
-    """x -> mean, log_var[, flow_u (u_hat), flow_w, flow_b]; global flows broadcast to [N, K, d]."""
+    """x -> mean, log_var[, flow_u (u_hat), flow_w, flow_b, z_k]; global flows broadcast to [N, K, d].
+
+    z_k, the mean pushed through the K flows, is computed in the graph: a server then needs no flow of its own.
+    """
 
     def __init__(self, vae: VAE):
         super().__init__()
@@ -246,7 +249,8 @@ class EncoderGraph(nn.Module):
             # views of the nn.Parameters w, b would keep requires_grad even under no_grad; these graphs
             # are for inference, so hand out detached views
             uh, w, b = uh.expand(n, -1, -1), w.detach().expand(n, -1, -1), b.detach().expand(n, -1)
-        return mean, log_var, uh, w, b
+        z_k, _ = planar_flows(mean, uh, w, b)
+        return mean, log_var, uh, w, b, z_k
 
 
 class DecoderGraph(nn.Module):
@@ -276,7 +280,7 @@ class BoundGraph(nn.Module):
 
 def export_modules(model: VAE) -> dict[str, tuple[nn.Module, list[str], list[str]]]:
     """role -> (module, input names, output names) for the encoder, decoder and bound graphs."""
-    enc_out = ["mean", "log_var"] + (["flow_u", "flow_w", "flow_b"] if model.config.flows > 0 else [])
+    enc_out = ["mean", "log_var"] + (["flow_u", "flow_w", "flow_b", "z_k"] if model.config.flows > 0 else [])
     dec_out = ["x_mean", "logits"] if model.config.likelihood == "bernoulli" else ["x_mean", "x_log_var"]
     return {
         "encoder": (EncoderGraph(model).eval(), ["x"], enc_out),

@@ -6,8 +6,11 @@ import io
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
-from svc_helpers import image_bytes
+from svc_helpers import image_bytes, settings_for, wait_ready
+
+from service.app import create_app
 
 RNG = np.random.default_rng(0)
 
@@ -247,3 +250,37 @@ def test_query_strings_are_read_as_starlette_reads_them(client):
     r = client.get("/sample?model=ppca%2Ddigits&n=2&n=3&format=json&seed=1")
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "ppca-digits" and len(r.json()["images"]) == 3
+
+
+def test_encoder_without_zk_output_gets_it_from_the_flow_parameters(model_repo, need, tmp_path):
+    """Flow encoders exported before z_k was a graph output: the service computes z_k from flow_u, flow_w, flow_b
+    (service/postprocess.py), and it agrees with what the graph itself gives."""
+    import json
+    import shutil
+
+    import onnx
+
+    from service.repository import sha256_file
+
+    name = need("flow-vae-digits")
+    old = tmp_path / "models" / name
+    shutil.copytree(model_repo / name, old)
+    graph = onnx.load(old / "encoder.onnx")
+    kept = [o for o in graph.graph.output if o.name != "z_k"]
+    assert len(kept) == len(graph.graph.output) - 1, "the exporter writes z_k"
+    del graph.graph.output[:]
+    graph.graph.output.extend(kept)
+    onnx.save(graph, old / "encoder.onnx")
+    card = json.loads((old / "card.json").read_text())
+    card["files"]["encoder.onnx"]["sha256"] = sha256_file(old / "encoder.onnx")
+    (old / "card.json").write_text(json.dumps(card))
+    x = RNG.random((3, 64)).tolist()
+    with TestClient(create_app(settings_for(tmp_path / "models"))) as c:
+        wait_ready(c)
+        computed = c.post(f"/encode?model={name}", json={"images": x}).json()["results"]
+    with TestClient(create_app(settings_for(model_repo))) as c:
+        wait_ready(c)
+        from_graph = c.post(f"/encode?model={name}", json={"images": x}).json()["results"]
+    for a, b in zip(computed, from_graph, strict=True):
+        assert a["mean"] == b["mean"]
+        np.testing.assert_allclose(a["z_k"], b["z_k"], atol=1e-6)

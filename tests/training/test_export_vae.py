@@ -37,7 +37,7 @@ def test_card_follows_the_contract(vae_dir):
     assert card.flows == (3 if card.kind == "flow-vae" else 0)
     assert set(card.graphs) == {"encoder", "decoder", "bound"}
     outputs = [o.name for o in _session(card.graph_path("encoder")).get_outputs()]
-    assert outputs == ["mean", "log_var"] + (["flow_u", "flow_w", "flow_b"] if card.flows else [])
+    assert outputs == ["mean", "log_var"] + (["flow_u", "flow_w", "flow_b", "z_k"] if card.flows else [])
     assert [o.name for o in _session(card.graph_path("decoder")).get_outputs()] == ["x_mean", "logits"]
     bound = _session(card.graph_path("bound"))
     assert [i.shape for i in bound.get_inputs()] == [["N", 784], ["N", "S", 8]]
@@ -59,13 +59,15 @@ def test_graphs_reproduce_the_torch_model(vae_dir):
     assert np.abs(enc[0] - mean.numpy()).max() < 1e-4 and np.abs(enc[1] - log_var.numpy()).max() < 1e-4
     if params is not None:
         # Anyone can recompute the flow from the exported parameters: w^T u_hat >= -1 holds for each.
-        u, w, b = enc[2:]
+        u, w, b, z_k = enc[2:]
         assert (np.einsum("nkd,nkd->nk", u, w) >= -1 - 1e-6).all()
         z0 = torch.from_numpy(enc[0])  # [N, d] with per-row parameters [N, K, d]
         zK_onnx, _ = planar_flows(z0, torch.from_numpy(u), torch.from_numpy(w), torch.from_numpy(b))
         with torch.no_grad():
             zK_torch, _ = model.flow(mean.unsqueeze(1), params)
         assert torch.allclose(zK_onnx, zK_torch[:, 0], atol=1e-4)
+        # the graph's own z_k output is the same flow of the mean
+        assert np.abs(z_k - zK_torch[:, 0].numpy()).max() < 1e-4
 
 
 def test_bound_graph_reproduces_evaluate(vae_dir, capsys):

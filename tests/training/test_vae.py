@@ -182,19 +182,21 @@ def test_export_modules_follow_the_contract(K, flow_type, likelihood):
     dec, dec_in, dec_out = graphs["decoder"]
     bound, bound_in, bound_out = graphs["bound"]
     assert (enc_in, dec_in, bound_in, bound_out) == (["x"], ["z"], ["x", "eps"], ["log_w"])
-    assert enc_out == ["mean", "log_var"] + (["flow_u", "flow_w", "flow_b"] if K else [])
+    assert enc_out == ["mean", "log_var"] + (["flow_u", "flow_w", "flow_b", "z_k"] if K else [])
     assert dec_out == (["x_mean", "logits"] if likelihood == "bernoulli" else ["x_mean", "x_log_var"])
     x = _binary(5, 12)
     eps = torch.randn(5, 4, 3, dtype=torch.float64)
     with torch.no_grad():
         outs = enc(x)
-        assert [tuple(o.shape) for o in outs] == [(5, 3), (5, 3)] + ([(5, K, 3), (5, K, 3), (5, K)] if K else [])
+        flow_shapes = [(5, K, 3), (5, K, 3), (5, K), (5, 3)] if K else []  # u_hat, w, b, z_k
+        assert [tuple(o.shape) for o in outs] == [(5, 3), (5, 3)] + flow_shapes
         assert not any(o.requires_grad for o in outs)  # the exporter's parity check calls .numpy() on them
         mean, log_var = outs[:2]
         z0 = mean[:, None] + torch.exp(0.5 * log_var)[:, None] * eps
         if K:
-            flow_u, flow_w, flow_b = outs[2:]
+            flow_u, flow_w, flow_b, z_k = outs[2:]
             assert ((flow_w * flow_u).sum(-1) >= -1).all()
+            torch.testing.assert_close(z_k, planar_flows(mean, flow_u, flow_w, flow_b)[0])  # the mean's z_K
             zK, log_det = planar_flows(z0, flow_u[:, None], flow_w[:, None], flow_b[:, None])
         else:
             zK, log_det = z0, 0.0
