@@ -364,6 +364,9 @@ JSON = {"Content-Type": "application/json"}
 # Requests per client of the classes whose requests are cheap to answer: those run for their time limit,
 # so that /health is polled long enough next to them.
 CHEAP = 2000
+# Requests per client of the classes that cost the server work (big bodies, big answers): as many as their
+# time limit allows once the server refuses them early, a handful when it does the work.
+HEAVY = 200
 
 
 @dataclass
@@ -440,31 +443,32 @@ def build_classes(args) -> list[HostileClass]:
     classes.append(HostileClass(
         "decode-stall", "4 one-bit 2048x2048 PNGs",
         f"POST /encode with 64 one-bit 2048x2048 PNGs ({len(body) / 1024:.0f} KB)",
-        [("64 x 1-bit 2048^2", http_request("POST", "/encode", body, {"Content-Type": MP}))], c(2), t(30)))
+        [("64 x 1-bit 2048^2", http_request("POST", "/encode", body, {"Content-Type": MP}))], c(HEAVY), t(30)))
     # 5 8 MiB /decode body of tiny rows
     rows = 2_000_000
     body = b'{"z":[' + b",".join([b"[0]"] * rows) + b"]}"
     classes.append(HostileClass(
         "decode-rows", "5 /decode 2M tiny rows", f"POST /decode with {rows:,} rows `[0]` ({len(body) / 2**20:.1f} MiB)",
-        [("2M rows", http_request("POST", "/decode", body, JSON))], c(2), t(30)))
+        [("2M rows", http_request("POST", "/decode", body, JSON))], c(HEAVY), t(30)))
     # 6 big sample canvas
     classes.append(HostileClass(
         "sample-canvas", "6 /sample n=256 scale=16", "GET /sample?n=256&scale=16&format=png (a 7168x7168 canvas)",
         [("n=256 scale=16 png", http_request("GET", "/sample?n=256&scale=16&format=png"))],
-        c(2), t(30)))
+        c(HEAVY), t(30)))
     # 7 big JSON image
     side = 1400
     line = b"[" + b",".join([b"0.5"] * side) + b"]"
     body = b'{"images":[[' + b",".join([line] * side) + b"]]}"
     classes.append(HostileClass(
         "json-image", "7 1400x1400 JSON image", f"POST /encode with one {side}x{side} JSON image "
-        f"({len(body) / 2**20:.1f} MiB)", [("1400x1400", http_request("POST", "/encode", body, JSON))], c(2), t(30)))
+        f"({len(body) / 2**20:.1f} MiB)", [("1400x1400", http_request("POST", "/encode", body, JSON))], c(HEAVY),
+        t(30)))
     # 8 log-likelihood memory and work
     body = multipart([(_png(digit(i)), f"d{i}.png") for i in range(16)])
     classes.append(HostileClass(
         "loglik-work", "8 /log-likelihood S=5000 x 16", "POST /log-likelihood?samples=5000 with 16 images",
         [("S=5000 x 16", http_request("POST", "/log-likelihood?samples=5000", body, {"Content-Type": MP}))],
-        1, t(30), timeout=60.0))
+        c(4), t(30), timeout=60.0))
     # 9 unknown model names
     n_names = args.unknown_names
     per = max(1, n_names // args.clients)
