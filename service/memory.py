@@ -41,7 +41,12 @@ class Trimmer:
 
     def after(self, work: int) -> None:
         """Called when a request of `work` units is done: trim soon if it was large (and no trim is running)."""
-        if self._trim is None or work < self.min_work or self._running:
+        if work >= self.min_work:
+            self.soon()
+
+    def soon(self) -> None:
+        """Trim in the executor now, unless a trim is running already (called after large bodies too)."""
+        if self._trim is None or self._running:
             return
         self._running = True
         future = asyncio.get_running_loop().run_in_executor(self.executor, self._trim, 0)

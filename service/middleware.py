@@ -113,10 +113,15 @@ class BodyTooLargeError(Exception):
 
 
 class BodySizeLimitMiddleware:
-    """413 before the body is read when Content-Length is over the limit; counts streamed bytes otherwise."""
+    """413 before the body is read when Content-Length is over the limit; counts streamed bytes otherwise.
 
-    def __init__(self, app, max_bytes: int):
+    After a request whose body reached `large_bytes`, calls `after_large_body()`: megabytes of body chunks,
+    freed, stay in the allocator's arenas until they are handed back (service/memory.py).
+    """
+
+    def __init__(self, app, max_bytes: int, large_bytes: int = 1 << 20, after_large_body=None):
         self.app, self.max_bytes = app, max_bytes
+        self.large_bytes, self.after_large_body = large_bytes, after_large_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -155,6 +160,9 @@ class BodySizeLimitMiddleware:
             if started:
                 raise
             await self._too_large(send)
+        finally:
+            if received >= self.large_bytes and self.after_large_body is not None:
+                self.after_large_body()
 
     async def _too_large(self, send):
         await send_problem(send, 413, "Content too large", f"the request body is larger than the limit of "

@@ -353,3 +353,20 @@ def _assert_no_null_numbers(body) -> None:
         for key in ("mean", "log_var", "log_likelihood", "elbo", "iw_bound"):
             if key in result:
                 assert isinstance(result[key], (int, float, list)), (key, result[key])
+
+
+def test_memory_is_handed_back_after_a_large_body(model_repo):
+    """A request body of a megabyte or more, even one refused, is followed by a trim (service/memory.py): its
+    freed chunks would otherwise stay in the allocator's arenas. Small bodies are not."""
+
+    async def go(c, app):
+        calls = []
+        app.state.runtime.trimmer.soon = lambda: calls.append(1)
+        big = b'{"images": [' + b",".join([b"[0.5]"] * 300_000) + b"]}"  # 1.8 MB of JSON, refused: too many values
+        r = await c.post("/encode", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        small = await c.post("/encode", json={"images": [[0.0] * 64]})
+        assert small.status_code == 200
+        return calls
+
+    assert run_async(settings_for(model_repo, default_model="ppca-digits"), go) == [1]
