@@ -68,8 +68,9 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None)
     if "ImagesJSON" in comps:
         images = comps["ImagesJSON"]["properties"]["images"]
         images["maxItems"] = settings.max_images
-        flat, rows = images["items"]["oneOf"]
+        flat, rows, rgb_rows = images["items"]["oneOf"]
         flat["maxItems"] = rows["maxItems"] = rows["items"]["maxItems"] = settings.max_image_pixels
+        rgb_rows["maxItems"] = rgb_rows["items"]["maxItems"] = settings.max_image_pixels
         if models:
             dims = [m.card.data_dim for m in models]
             flat["minItems"], flat["maxItems"] = min(dims), max(dims)

@@ -261,8 +261,8 @@ def _check_numbers(row: list, where: str, expected: str) -> None:
 
 
 def _json_type(value) -> str:
-    return {bool: "boolean", str: "string", list: "array", dict: "object", type(None): "null"}.get(
-        type(value), type(value).__name__)
+    return {bool: "boolean", str: "string", list: "array", dict: "object", type(None): "null", int: "number",
+            float: "number"}.get(type(value), type(value).__name__)
 
 
 def _a(value) -> str:
