@@ -66,7 +66,7 @@ def _folder(tmp_path):
 
 def test_a_mixed_folder_needs_channels_and_converts_like_pillow(tmp_path, capsys):
     folder = _folder(tmp_path)
-    with pytest.raises(DataError, match="mixes 1 grayscale images .c_gray.png. with 3 colour images.*Pass --channels 3"):
+    with pytest.raises(DataError, match="mixes 1 grayscale images .c_gray.png. with 3 colour images.*--channels 3"):
         load_images(folder)
     white = Image.new("RGBA", (9, 10), (255, 255, 255, 255))
     with Image.open(folder / "b_rgba.png") as im:
