@@ -50,9 +50,10 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None)
     """Write the live Settings' limits into an OpenAPI schema (in place; returned): the query parameters'
     maxima (QUERY_LIMITS), images and codes per request, and the limits' values in the API description.
 
-    With the loaded `models`, also the lengths that depend on them: a flat JSON image holds D values and
-    a latent code latent_dim values, D and latent_dim of the model named (bounded here by the smallest
-    and largest loaded; exact when the models agree).
+    With the loaded `models`, also what depends on them: a flat JSON image holds D values and a latent code
+    latent_dim values, D and latent_dim of the model named (bounded here by the smallest and largest
+    loaded; exact when the models agree), and the nested image layouts are those of the loaded models'
+    channels.
     """
     for path_item in schema.get("paths", {}).values():
         for op in path_item.values():
@@ -74,6 +75,10 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None)
         if models:
             dims = [m.card.data_dim for m in models]
             flat["minItems"], flat["maxItems"] = min(dims), max(dims)
+            # the nested layouts of the loaded models only: H x W (grayscale), H x W x 3 (colour)
+            channels = {m.card.channels for m in models}
+            images["items"]["oneOf"] = [flat, *([rows] if 1 in channels else []),
+                                        *([rgb_rows] if 3 in channels else [])]
     if "DecodeRequest" in comps:
         z = comps["DecodeRequest"]["properties"]["z"]
         z["maxItems"] = settings.max_images

@@ -233,6 +233,11 @@ def test_a_grayscale_model_still_greys_colour_uploads(colour_repo, server):
         r = c.post("/encode", params={"model": "gray-ppca"}, files=[("images", ("a.png", upload, "image/png"))])
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["results"][0]["mean"], _encode_ref(ckpt, model, x)[0], atol=2e-4)
+        # the OpenAPI schema states the layouts of the loaded models: flat D of 192 to 576 values, H x W, H x W x 3
+        flat, rows, rgb_rows = c.get("/openapi.json").json()["components"]["schemas"]["ImagesJSON"]["properties"][
+            "images"]["items"]["oneOf"]
+        assert (flat["minItems"], flat["maxItems"]) == (H * W, H * W * 3)
+        assert rows["items"]["items"]["type"] == "number" and rgb_rows["items"]["items"]["maxItems"] == 3
         r = c.get("/sample", params={"model": "gray-ppca", "n": 2, "seed": 1})
         assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).mode == "L"
         r = c.post("/decode", params={"model": "gray-ppca"}, json={"z": [[0.0, 0.0, 0.0]]})
