@@ -1,7 +1,7 @@
 """Your own images, in colour and in gray: test bits/dim of PPCA, the VAE and the flow-VAE on 16x16 patches
 of scikit-learn's two sample photos, and the fit times.
 
-    .venv/bin/python -m bench.user_data [--no-save] [--epochs 150] [--work runs/bench-user-data]
+    .venv/bin/python -m bench.user_data [--no-save] [--epochs 200] [--work runs/bench-user-data]
 
 Data: the two colour photos that scikit-learn ships (`sklearn.datasets.load_sample_images()`: china.jpg and
 flower.jpg, 427 x 640 pixels each), cut into non-overlapping 16 x 16 patches on a grid from the top-left
@@ -118,7 +118,7 @@ def plot(runs: Path, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-user-data")
-    p.add_argument("--epochs", type=int, default=150, help="VAE epochs (warm-up: a sixth of them)")
+    p.add_argument("--epochs", type=int, default=200, help="VAE epochs (warm-up: a sixth of them)")
     p.add_argument("--eval-samples", type=int, default=100, help="S of the test importance-weighted bound")
     p.add_argument("--no-save", action="store_true", help="print only: no docs/benchmarks.md section, no plot")
     args = p.parse_args(argv)
