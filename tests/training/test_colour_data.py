@@ -89,7 +89,10 @@ def test_a_mixed_folder_needs_channels_and_converts_like_pillow(tmp_path, capsys
     meta = load_checkpoint(out)["meta"]
     assert meta["channels"] == 3 and meta["image_shape"] == [10, 9]
     assert reload_dataset(meta).channels == 3 and reload_dataset(meta).data_dim == 270
-    assert (out / "directions.png").is_file() and (out / "samples.png").is_file()
+    for png in ("directions.png", "samples.png"):  # plotted in colour: some pixels are not gray
+        with Image.open(out / png) as im:
+            a = np.asarray(im.convert("RGB"), dtype=int)
+        assert (np.abs(a[..., 0] - a[..., 1]) > 16).any(), png
 
 
 def test_embedded_datasets_are_grayscale(tmp_path, capsys):
