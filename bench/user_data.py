@@ -111,7 +111,7 @@ def plot(runs: Path, path: Path) -> None:
         ax.set_title(label, fontsize=7, loc="left", pad=2)
         ax.axis("off")
     fig.tight_layout(pad=0.3)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
