@@ -54,7 +54,8 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None,
 
     With the loaded `models`, also what depends on them: the `model` query parameter is one of their
     names, a flat JSON image holds D values and a latent code latent_dim values, D and latent_dim of the
-    model named (bounded here by the smallest and largest loaded; exact when the models agree).
+    model named (bounded here by the smallest and largest loaded; exact when the models agree), and the
+    nested image layouts are those of the loaded models' channels.
 
     What JSON Schema cannot state (a length that depends on the `model` parameter, a product of a query
     parameter and the body's length) is written as data in the `x-latentserve` extension: the loaded
@@ -80,12 +81,17 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None,
     if "ImagesJSON" in comps:
         images = comps["ImagesJSON"]["properties"]["images"]
         images["maxItems"] = settings.max_images
-        flat, rows = images["items"]["oneOf"]
-        flat["maxItems"] = rows["maxItems"] = rows["items"]["maxItems"] = min(settings.max_image_pixels,
-                                                                             settings.max_json_pixels)
+        flat, rows, rgb_rows = images["items"]["oneOf"]
+        side = min(settings.max_image_pixels, settings.max_json_pixels)
+        flat["maxItems"] = rows["maxItems"] = rows["items"]["maxItems"] = side
+        rgb_rows["maxItems"] = rgb_rows["items"]["maxItems"] = side
         if models:
             dims = [m.card.data_dim for m in models]
             flat["minItems"], flat["maxItems"] = min(dims), max(dims)
+            # the nested layouts of the loaded models only: H x W (grayscale), H x W x 3 (colour)
+            channels = {m.card.channels for m in models}
+            images["items"]["oneOf"] = [flat, *([rows] if 1 in channels else []),
+                                        *([rgb_rows] if 3 in channels else [])]
     if "DecodeRequest" in comps:
         z = comps["DecodeRequest"]["properties"]["z"]
         z["maxItems"] = settings.max_images
@@ -109,8 +115,8 @@ def openapi_limits(schema: dict, settings: Settings, models: list | None = None,
         f"{settings.max_latent_abs:g}. JSON bodies: UTF-8, nested at most 1024 levels, numbers within float range.")
     schema["x-latentserve"] = {
         "default_model": default_model,
-        "models": {m.name: {"image_shape": list(m.card.image_shape), "data_dim": m.card.data_dim,
-                            "latent_dim": m.card.latent_dim} for m in models or ()},
+        "models": {m.name: {"image_shape": list(m.card.image_shape), "channels": m.card.channels,
+                            "data_dim": m.card.data_dim, "latent_dim": m.card.latent_dim} for m in models or ()},
         "limits": {"max_json_pixels": settings.max_json_pixels, "max_request_pixels": settings.max_request_pixels,
                    "max_response_pixels": settings.max_response_pixels, "max_png_scale": settings.max_png_scale,
                    "log_likelihood_work": work, "default_importance_samples": settings.default_importance_samples},

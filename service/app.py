@@ -268,8 +268,9 @@ async def encode(request: Request) -> Response:
     """Encode images: each image's posterior `mean` and `log_var` (the exact posterior for ppca).
 
     Send the images as multipart/form-data (file parts named `images`: PNG, JPEG, BMP, GIF, TIFF, WebP) or
-    as JSON `{"images": [...]}` (H x W arrays or flat arrays of D intensities in [0, 1]). Colour and alpha
-    are converted to grayscale (transparent pixels on white); other sizes are resized to the model's
+    as JSON `{"images": [...]}` (H x W arrays, H x W x 3 for colour models, or flat arrays of D intensities in
+    [0, 1]). Images are converted to the model's `channels` (grayscale models: colour to gray; colour models:
+    RGB; transparent pixels on white); other sizes are resized to the model's
     `image_shape` and the result says `resized`. The models expect light ink on black (MNIST): use
     `invert=true` for dark ink on a light background. Flow models also give `z_k`, the mean pushed through
     the K planar flows.
@@ -311,7 +312,8 @@ async def encode(request: Request) -> Response:
 async def decode(request: Request) -> Response:
     """Decode latent codes `z` ([N][latent_dim]) to E[x | z], clipped to [0, 1].
 
-    JSON (H x W arrays) or PNG (one image, or a grid for several): `format=json|png`, or the Accept header
+    JSON (H x W arrays, H x W x 3 for colour models) or PNG (one image, or a grid for several; RGB for colour
+    models): `format=json|png`, or the Accept header
     (`image/png`); JSON by default.
     """
     q = read_query(request, DecodeQuery)
@@ -336,7 +338,7 @@ async def decode(request: Request) -> Response:
     png = infer.png_checked(request, model, q.format, "json", len(z), q.scale, settings)
     try:
         x = await infer.run(request, model, "decoder", {"z": z.astype(np.float32)},
-                            post.decoder_post(model.card.image_shape))
+                            post.decoder_post(model.card.pixel_shape))
     except post.NonFiniteOutputError as e:
         raise post.non_finite_problem(e, f"z[{e.row}]", f"use a code closer to the prior N(0, I) (this one has |z| "
                                       f"up to {np.abs(z[e.row]).max():.4g})") from e
@@ -362,7 +364,7 @@ async def sample(request: Request) -> Response:
     request.state.batch_size = n
     png = infer.png_checked(request, model, q.format, "png", n, q.scale, settings)
     try:
-        x = await infer.run(request, model, "decoder", {"z": z}, post.decoder_post(model.card.image_shape))
+        x = await infer.run(request, model, "decoder", {"z": z}, post.decoder_post(model.card.pixel_shape))
     except post.NonFiniteOutputError as e:
         raise post.non_finite_problem(e, f"sample {e.row} (seed {seed})", f"lower the temperature (now "
                                       f"{temperature:g})") from e

@@ -1,10 +1,10 @@
 """Images in and out: decode and validate uploads (Pillow), JSON pixel arrays, resizing, PNG grids.
 
-Every image becomes float32 intensities in [0, 1], flattened row-major, ink = 1 (models/README.md).
-Colour is converted to grayscale (ITU-R 601-2 luma, Pillow's "L"); transparent pixels are composited
-onto white, as a viewer shows them; 16- and 32-bit images keep their precision, scaled by their type's
-range. `invert` maps x -> 1 - x for dark ink on a light background. Other sizes are resized (Lanczos,
-aspect ratio not kept) to the model's.
+Every image becomes float32 intensities in [0, 1], flattened row-major, ink = 1 (models/README.md), with
+the model's channels (service/pixels.py): a grayscale model gets colour converted to gray, a colour model
+gets every image as RGB, flattened with the channels interleaved (row-major H x W x C). `invert` maps
+x -> 1 - x for dark ink on a light background. Other sizes are resized (Lanczos, aspect ratio not kept) to
+the model's.
 
 Plain 8-bit grayscale PNGs, what Pillow, torchvision and most digit tools write, take a shorter road
 (`_png_gray8`): libspng through pyspng decodes them in about a sixth of the time Pillow's Python layer
@@ -27,6 +27,7 @@ import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import ProblemError
+from service.pixels import as_channels, resize, to_float
 
 # Formats accepted (Pillow format names; multi-picture JPEGs open through the JPEG plugin).
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
@@ -36,60 +37,10 @@ Image.init()  # register every plugin, so that Image.open(formats=FORMATS) knows
 
 @dataclass
 class PreparedImage:
-    x: np.ndarray  # float32 [D]
+    x: np.ndarray  # float32 [D], D = H * W * C
     original_shape: tuple[int, int]  # (H, W) as received
     resized: bool
     source: str  # file name or "images[i]"
-
-
-def to_float_gray(img: Image.Image) -> np.ndarray:
-    """A decoded Pillow image -> float32 [H, W] in [0, 1]; training reads image folders with it too (one conversion).
-
-    Integer samples are divided by their type's largest value (65535 for 16 bits, 2**31 - 1 or 2**32 - 1
-    for 32), never by the image's own maximum: a dim 16-bit image stays dim. Float samples ("F": 32-bit
-    float TIFF) are intensities already; they are clipped to [0, 1], NaN read as 0.
-    """
-    mode = img.mode
-    if mode.startswith("I;16"):
-        top = 32767.0 if mode.endswith("S") else 65535.0
-        return np.clip(np.asarray(img, dtype=np.float64) / top, 0, 1).astype(np.float32)
-    if mode == "I":
-        return np.clip(np.asarray(img, dtype=np.float64) / _int_range(img), 0, 1).astype(np.float32)
-    if mode == "F":
-        a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-        return np.clip(a, 0, 1).astype(np.float32)
-    if mode == "L":
-        return np.asarray(img, dtype=np.float32) / 255.0
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-
-
-def _int_range(img: Image.Image) -> float:
-    """The largest value of the integer type behind a mode "I" image (32-bit signed samples in Pillow).
-
-    TIFF says its sample type (BitsPerSample 258, SampleFormat 339: 1 unsigned, 2 signed); any other file
-    that Pillow gives this mode (16-bit PNG in older Pillow) holds 16-bit samples.
-    """
-    tags = getattr(img, "tag_v2", None)
-    if tags is not None:
-        bits, fmt = _first(tags.get(258, 16)), _first(tags.get(339, 1))
-        signed = fmt == 2
-        if bits == 32:
-            return 2.0**31 - 1 if signed else 2.0**32 - 1
-        if bits == 8:
-            return 127.0 if signed else 255.0
-        if bits == 16 and signed:
-            return 32767.0
-    return 65535.0
-
-
-def _first(value):
-    """A TIFF tag's first value (Pillow gives a tuple per sample, or one value)."""
-    return value[0] if isinstance(value, tuple) and value else value
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -180,13 +131,16 @@ def decode_plain_png(data: bytes, *, max_pixels: int) -> np.ndarray | None:
     return _png_gray8(data, max_pixels)
 
 
-def decode_image(data: bytes, source: str, *, max_pixels: int) -> np.ndarray:
-    """Bytes of an image file -> float32 [H, W] in [0, 1]; ProblemError (413/415/422) otherwise."""
+def decode_image(data: bytes, source: str, *, max_pixels: int, channels: int = 1) -> np.ndarray:
+    """Bytes of an image file -> float32 [H, W] (channels = 1) or [H, W, 3] (channels = 3) in [0, 1];
+    ProblemError (413/415/422) otherwise."""
     pixels = _png_gray8(data, max_pixels)
-    return pixels if pixels is not None else decode_with_pillow(data, source, max_pixels=max_pixels)
+    if pixels is not None:
+        return as_channels(pixels, channels)
+    return decode_with_pillow(data, source, max_pixels=max_pixels, channels=channels)
 
 
-def decode_with_pillow(data: bytes, source: str, *, max_pixels: int) -> np.ndarray:
+def decode_with_pillow(data: bytes, source: str, *, max_pixels: int, channels: int = 1) -> np.ndarray:
     """`decode_image` for any file Pillow reads (the reference decoder)."""
     if not data:
         raise ProblemError(422, "Empty image", f"{source}: the file is empty (expected a {FORMATS_TEXT} image)",
@@ -205,7 +159,7 @@ def decode_with_pillow(data: bytes, source: str, *, max_pixels: int) -> np.ndarr
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated GIF / multi-page TIFF: the first frame
         img.load()
-        return to_float_gray(img)
+        return to_float(img, channels)
 
 
 @contextlib.contextmanager
@@ -229,16 +183,17 @@ def _pillow_errors(source: str, max_pixels: int):
                            f"{str(e)[:200]}); expected a complete {FORMATS_TEXT} file", slug="corrupt-image") from e
 
 
-def prepare(pixels: np.ndarray, shape: tuple[int, int], *, invert: bool, source: str) -> PreparedImage:
-    """[h, w] intensities in [0, 1] -> the model's [H * W] input (resized when needed, inverted on request)."""
+def prepare(pixels: np.ndarray, shape: tuple[int, int], *, invert: bool, source: str, channels: int = 1
+            ) -> PreparedImage:
+    """[h, w] (or [h, w, 3]) intensities in [0, 1] -> the model's [H * W * channels] input (gray repeated into
+    RGB for a colour model, resized when needed, inverted on request)."""
     H, W = shape
+    pixels = as_channels(pixels, channels)
     original = (int(pixels.shape[0]), int(pixels.shape[1]))
     resized = original != (H, W)
     if resized:
-        img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-        pixels = np.asarray(img.resize((W, H), Image.Resampling.LANCZOS), dtype=np.float32)
-        pixels = np.clip(pixels, 0.0, 1.0)
-    x = np.ascontiguousarray(pixels, dtype=np.float32).reshape(H * W)
+        pixels = resize(pixels, shape)
+    x = np.ascontiguousarray(pixels, dtype=np.float32).reshape(H * W * channels)
     if invert:
         x = 1.0 - x
     return PreparedImage(x=x, original_shape=original, resized=resized, source=source)
@@ -247,24 +202,33 @@ def prepare(pixels: np.ndarray, shape: tuple[int, int], *, invert: bool, source:
 _NUMBER_TYPES = frozenset((int, float))  # what a JSON parser gives for numbers; bool is a type of its own
 
 
-def json_image_size(values, shape: tuple[int, int], index: int) -> tuple[int, int]:
-    """The (h, w) of one JSON image (H x W nested list, or flat D), checked without converting a value.
+def json_image_size(values, shape: tuple[int, int], index: int, channels: int = 1) -> tuple[int, int]:
+    """The (h, w) of one JSON image, checked without converting a value: for a grayscale model an H x W
+    nested list or a flat D = H * W list; for a colour model (channels = 3) an H x W x 3 nested list or a
+    flat D = H * W * 3 list (row-major, channels interleaved).
 
-    Each row must be an array of numbers (a string or a boolean is no intensity) of the same length; a
-    flat array needs exactly D = H * W numbers. ProblemError 422 otherwise, naming the first fault.
+    Each row must be an array of numbers (a string or a boolean is no intensity; for colour, of arrays of
+    3 numbers) of the same length; a flat array needs exactly D numbers. ProblemError 422 otherwise,
+    naming the first fault.
     """
     source = f"images[{index}]"
     H, W = shape
-    expected = f"expected {H} rows of {W} numbers, or {H * W} numbers, each in [0, 1]"
+    D = H * W * channels
+    if channels == 1:
+        expected = f"expected {H} rows of {W} numbers, or {D} numbers, each in [0, 1]"
+    else:
+        expected = (f"expected {H} rows of {W} pixels, each pixel [R, G, B], or {D} numbers (row-major, channels "
+                    "interleaved), each in [0, 1]")
     if not isinstance(values, list) or not values:
         raise ProblemError(422, "Invalid image array", f"{source}: not a non-empty array; {expected}",
                            slug="invalid-image-array")
     if not isinstance(values[0], list):  # flat
         _check_numbers(values, source, expected)
-        if len(values) != H * W:
-            raise ProblemError(422, "Invalid image array", f"{source}: a flat image needs exactly D = {H * W} "
-                               f"values ({H}x{W}), got {len(values)}; send an H x W array to have it resized",
-                               slug="invalid-image-array")
+        if len(values) != D:
+            size = f"{H}x{W}" + (f"x{channels}" if channels > 1 else "")
+            raise ProblemError(422, "Invalid image array", f"{source}: a flat image needs exactly D = {D} "
+                               f"values ({size}), got {len(values)}; send an H x W{' x 3' if channels > 1 else ''} "
+                               "array to have it resized", slug="invalid-image-array")
         return H, W
     w = len(values[0])
     for r, row in enumerate(values):
@@ -273,8 +237,20 @@ def json_image_size(values, shape: tuple[int, int], index: int) -> tuple[int, in
             raise ProblemError(422, "Invalid image array", f"{source}[{r}]: not a rectangular array (rows must be "
                                f"non-empty arrays of one length, {w} as the first row), got {got}; {expected}",
                                slug="invalid-image-array")
-        _check_numbers(row, f"{source}[{r}]", expected)
+        if channels == 1:
+            _check_numbers(row, f"{source}[{r}]", expected)
+        else:
+            _check_rgb(row, f"{source}[{r}]", expected)
     return len(values), w
+
+
+def _check_rgb(row: list, where: str, expected: str) -> None:
+    for c, pixel in enumerate(row):
+        if not isinstance(pixel, list) or len(pixel) != 3:
+            got = f"{len(pixel)} values" if isinstance(pixel, list) else _a(pixel)
+            raise ProblemError(422, "Invalid image array", f"{where}[{c}]: a pixel of a colour model must be an "
+                               f"array of 3 numbers [R, G, B], got {got}; {expected}", slug="invalid-image-array")
+        _check_numbers(pixel, f"{where}[{c}]", expected)
 
 
 def _check_numbers(row: list, where: str, expected: str) -> None:
@@ -285,8 +261,8 @@ def _check_numbers(row: list, where: str, expected: str) -> None:
 
 
 def _json_type(value) -> str:
-    return {bool: "boolean", str: "string", list: "array", dict: "object", type(None): "null"}.get(
-        type(value), type(value).__name__)
+    return {bool: "boolean", str: "string", list: "array", dict: "object", type(None): "null", int: "number",
+            float: "number"}.get(type(value), type(value).__name__)
 
 
 def _a(value) -> str:
@@ -294,12 +270,12 @@ def _a(value) -> str:
     return "null" if kind == "null" else ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
-def json_image(values: list, shape: tuple[int, int], index: int) -> np.ndarray:
-    """One JSON image (H x W nested list, or flat D) -> float32 [h, w]; ProblemError 422 when malformed."""
+def json_image(values: list, shape: tuple[int, int], index: int, channels: int = 1) -> np.ndarray:
+    """One JSON image (see `json_image_size`) -> float32 [h, w] (or [h, w, 3]); ProblemError 422 when malformed."""
     source = f"images[{index}]"
-    h, w = json_image_size(values, shape, index)
+    h, w = json_image_size(values, shape, index, channels)
     try:  # row by row: in a worker thread, each row is a point where the event loop can take the GIL back
-        a = np.empty((h, w), dtype=np.float64)
+        a = np.empty((h, w) if channels == 1 else (h, w, channels), dtype=np.float64)
         if isinstance(values[0], list):
             for r, row in enumerate(values):
                 a[r] = row
@@ -327,15 +303,16 @@ def grid_shape(n: int, H: int, W: int, pad: int = 1) -> tuple[int, int]:
 
 
 def png_grid(images: np.ndarray, *, scale: int = 1, pad: int = 1) -> bytes:
-    """[n, H, W] in [0, 1] -> PNG bytes: one image, or a grid with `pad`-pixel gray separators."""
+    """[n, H, W] (grayscale PNG) or [n, H, W, 3] (RGB PNG) in [0, 1] -> PNG bytes: one image, or a grid with
+    `pad`-pixel gray separators."""
     images = np.clip(np.nan_to_num(images, nan=0.0), 0.0, 1.0)
-    n, H, W = images.shape
+    n, H, W = images.shape[:3]
     if n == 1:
         canvas = images[0]
     else:
         rows, cols = grid_shape(n, H, W, pad)
         ncols = (cols - pad) // (W + pad)
-        canvas = np.full((rows, cols), 0.5, dtype=np.float32)
+        canvas = np.full((rows, cols, *images.shape[3:]), 0.5, dtype=np.float32)
         for i in range(n):
             r, c = divmod(i, ncols)
             top, left = pad + r * (H + pad), pad + c * (W + pad)
@@ -344,5 +321,5 @@ def png_grid(images: np.ndarray, *, scale: int = 1, pad: int = 1) -> bytes:
     if scale > 1:
         u8 = np.repeat(np.repeat(u8, scale, axis=0), scale, axis=1)
     buf = io.BytesIO()
-    Image.fromarray(u8, mode="L").save(buf, format="PNG", compress_level=1)
+    Image.fromarray(u8, mode="L" if u8.ndim == 2 else "RGB").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -45,12 +45,13 @@ def png_checked(request: Request, model: LoadedModel, fmt: str | None, default: 
 
 async def image_response(request: Request, model: LoadedModel, x: np.ndarray, png: bool, scale: int,
                           extra: dict | None = None) -> Response:
-    """Images `x` [n, H, W] in [0, 1] as a PNG (one image or a grid) or JSON, encoded off the loop when large."""
+    """Images `x` [n, H, W] (or [n, H, W, 3]) in [0, 1] as a PNG (one image or a grid; RGB for colour) or JSON,
+    encoded off the loop when large."""
     offload: post.Offload = request.app.state.runtime.offload
     if png:
         return await offload.png(x, scale)
-    return await offload.json({"model": model.name, "image_shape": list(model.card.image_shape), "images": x,
-                               **(extra or {})}, x.size)
+    return await offload.json({"model": model.name, "image_shape": list(model.card.image_shape),
+                               "channels": model.card.channels, "images": x, **(extra or {})}, x.size)
 
 
 async def admit(request: Request, model: LoadedModel, cost: int, work: Callable[[], Awaitable]):

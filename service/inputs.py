@@ -95,7 +95,7 @@ def _query_limits(params: type[BaseModel]) -> tuple[tuple[str, str], ...]:
 async def read_images(request: Request, settings: Settings, model, invert: bool) -> list[img.PreparedImage]:
     """The request's images (multipart parts named `images`, or JSON) prepared for `model`."""
     ctype = _media_type(request)
-    shape = model.card.image_shape
+    shape, channels = model.card.image_shape, model.card.channels
     if ctype == "multipart/form-data":
         blobs = _image_parts(await request.body(), request.headers["content-type"], settings)
 
@@ -104,8 +104,8 @@ async def read_images(request: Request, settings: Settings, model, invert: bool)
             out = []
             for p, (data, name) in zip(pixels, blobs, strict=True):
                 if p is None:
-                    p = img.decode_image(data, name, max_pixels=settings.max_image_pixels)
-                out.append(img.prepare(p, shape, invert=invert, source=name))
+                    p = img.decode_image(data, name, max_pixels=settings.max_image_pixels, channels=channels)
+                out.append(img.prepare(p, shape, invert=invert, source=name, channels=channels))
             return out
 
         sizes = [img.png_size(data) for data, _ in blobs]
@@ -128,7 +128,7 @@ async def read_images(request: Request, settings: Settings, model, invert: bool)
         body = await request.body()
 
         def parse_all() -> list[img.PreparedImage]:
-            return _json_images(body, ctype, settings, shape, invert)
+            return _json_images(body, ctype, settings, shape, channels, invert)
 
         return parse_all() if len(body) <= INLINE_JSON_BYTES else await offload(parse_all)
     raise ProblemError(415, "Unsupported media type", f"Content-Type {ctype or '(none)'!r} is not accepted; send "
@@ -136,11 +136,11 @@ async def read_images(request: Request, settings: Settings, model, invert: bool)
                        '{"images": [...]}', slug="unsupported-media-type")
 
 
-IMAGES_EXPECTED = ('{"images": [image, ...]} with each image an H x W array or a flat array of D numbers (intensities '
-                   "in [0, 1]), or a multipart upload")
+IMAGES_EXPECTED = ('{"images": [image, ...]} with each image an H x W array (H x W x 3 for colour models) or a flat '
+                   "array of D numbers (intensities in [0, 1]), or a multipart upload")
 
 
-def _json_images(body: bytes, ctype: str, settings: Settings, shape: tuple[int, int], invert: bool
+def _json_images(body: bytes, ctype: str, settings: Settings, shape: tuple[int, int], channels: int, invert: bool
                  ) -> list[img.PreparedImage]:
     # Every value but the first follows a comma. Parsing holds the GIL, even in a worker thread: the count
     # bounds how long (about 1.5 MB of JSON at the default max_json_pixels).
@@ -152,10 +152,10 @@ def _json_images(body: bytes, ctype: str, settings: Settings, shape: tuple[int, 
     if isinstance(payload, dict) and isinstance(payload.get("images"), list):
         _check_count(len(payload["images"]), settings)  # before validating thousands of images
     parsed = _validated(ImagesJSON, payload, IMAGES_EXPECTED)
-    sizes = [img.json_image_size(values, shape, i) for i, values in enumerate(parsed.images)]
+    sizes = [img.json_image_size(values, shape, i, channels) for i, values in enumerate(parsed.images)]
     _check_pixels([(w, h) for h, w in sizes], [f"images[{i}]" for i in range(len(sizes))], settings)
-    return [img.prepare(img.json_image(values, shape, i), shape, invert=invert, source=f"images[{i}]")
-            for i, values in enumerate(parsed.images)]
+    return [img.prepare(img.json_image(values, shape, i, channels), shape, invert=invert, source=f"images[{i}]",
+                        channels=channels) for i, values in enumerate(parsed.images)]
 
 
 def _check_pixels(sizes: list[tuple[int, int]], names: list[str], settings: Settings) -> int:

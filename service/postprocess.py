@@ -91,8 +91,9 @@ def encoder_post(flows: bool) -> Callable[[dict[str, np.ndarray]], dict[str, np.
 ENCODER_POST = {False: encoder_post(False), True: encoder_post(True)}  # by "has flows"
 
 
-def decoder_post(shape: tuple[int, int]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """The decoder's `post`: x_mean finite, clipped to [0, 1], as [n, H, W]."""
+def decoder_post(shape: tuple[int, ...]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The decoder's `post`: x_mean finite, clipped to [0, 1], as [n, *shape] (the card's pixel_shape: H, W
+    and, for colour, C)."""
 
     def post(out: dict[str, np.ndarray]) -> np.ndarray:
         check_finite(out, ["x_mean"])

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+# Version 2 added `channels` (1 or 3) and the pixel layout; a version-1 card is a grayscale model.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CARD = "card.json"
+CHANNELS = (1, 3)
+PIXEL_LAYOUT = "row-major HWC"  # x[n, (i * W + j) * C + c] is row i, column j, channel c
 KINDS = ("ppca", "vae", "flow-vae")
 LIKELIHOODS = ("bernoulli", "gaussian")
 # The graphs each kind must have: role -> required.
@@ -47,6 +51,12 @@ class ModelCard:
     graphs: dict[str, str]
     path: Path
     raw: dict
+    channels: int = 1
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """The shape of one image as the models see it: (H, W) for grayscale, (H, W, C) for colour."""
+        return self.image_shape if self.channels == 1 else (*self.image_shape, self.channels)
 
     def graph_path(self, role: str) -> Path:
         try:
@@ -92,9 +102,9 @@ def load_model_card(model_dir: str | Path, *, verify_files: bool = True) -> Mode
         return value
 
     version = field("format_version", int)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ModelRepositoryError(f"{card_path}: format_version {version} is not supported "
-                                   f"(this reader knows version {FORMAT_VERSION})")
+                                   f"(this reader knows versions {', '.join(map(str, READABLE_VERSIONS))})")
     kind = field("kind", str)
     if kind not in KINDS:
         raise ModelRepositoryError(f"{card_path}: kind {kind!r} is unknown (expected one of {', '.join(KINDS)})")
@@ -105,9 +115,13 @@ def load_model_card(model_dir: str | Path, *, verify_files: bool = True) -> Mode
     shape = field("image_shape", list)
     if len(shape) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ModelRepositoryError(f"{card_path}: image_shape must be [H, W] with positive integers, got {shape}")
+    channels = field("channels", int) if version >= 2 else 1
+    if channels not in CHANNELS:
+        raise ModelRepositoryError(f"{card_path}: channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     data_dim = field("data_dim", int)
-    if data_dim != shape[0] * shape[1]:
-        raise ModelRepositoryError(f"{card_path}: data_dim {data_dim} != H * W = {shape[0] * shape[1]}")
+    if data_dim != shape[0] * shape[1] * channels:
+        raise ModelRepositoryError(f"{card_path}: data_dim {data_dim} != H * W * C = {shape[0]} * {shape[1]} * "
+                                   f"{channels} = {shape[0] * shape[1] * channels}")
     latent_dim = field("latent_dim", int)
     if latent_dim < 1:
         raise ModelRepositoryError(f"{card_path}: latent_dim must be >= 1, got {latent_dim}")
@@ -155,6 +169,7 @@ def load_model_card(model_dir: str | Path, *, verify_files: bool = True) -> Mode
         graphs=dict(graphs),
         path=model_dir,
         raw=raw,
+        channels=channels,
     )
 
 

@@ -340,7 +340,8 @@ class LoadedModel:
     def summary(self) -> dict:
         c = self.card
         return {
-            "name": c.name, "kind": c.kind, "image_shape": list(c.image_shape), "data_dim": c.data_dim,
+            "name": c.name, "kind": c.kind, "image_shape": list(c.image_shape), "channels": c.channels,
+            "data_dim": c.data_dim,
             "latent_dim": c.latent_dim, "likelihood": c.likelihood, "flows": c.flows, "flow_type": c.flow_type,
             "noise_variance": c.noise_variance, "metrics": c.metrics, "graphs": c.graphs,
         }

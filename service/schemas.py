@@ -11,16 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, WithJsonSchema
 ImageArray = Annotated[
     list[Any],
     WithJsonSchema({
-        "description": "one grayscale image: H rows of W intensities (every row of the same length; other "
-                       "sizes than the model's are resized), or a flat row-major array of exactly the model's D "
-                       "intensities (data_dim in GET /models); each a JSON number in [0, 1] with ink = 1 (light "
-                       "ink on black, as MNIST). Strings, booleans and H x W x C colour arrays are refused (422); "
-                       "send colour images as files. At most max_json_pixels values in all the JSON images of a "
-                       "request (see the limits in the API description)",
+        "description": "one image. For a grayscale model (channels 1 in GET /models): H rows of W intensities "
+                       "(every row of the same length; other sizes than the model's are resized), or a flat "
+                       "row-major array of exactly the model's D intensities (data_dim in GET /models). For a "
+                       "colour model (channels 3): H rows of W pixels [R, G, B], or a flat array of D = H * W * 3 "
+                       "(row-major, channels interleaved). Each value a JSON number in [0, 1] with ink = 1 (light "
+                       "ink on black, as MNIST). Strings, booleans and arrays of the other model's layout are "
+                       "refused (422). At most max_json_pixels values in all the JSON images of a request (see "
+                       "the limits in the API description)",
         "oneOf": [
             {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 1},
             {"type": "array", "minItems": 1,
              "items": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 1}},
+            {"type": "array", "minItems": 1,
+             "items": {"type": "array", "minItems": 1, "items": {
+                 "type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 3,
+                 "maxItems": 3}}},
         ],
     }),
 ]
@@ -139,8 +145,10 @@ class ImagesResponse(BaseModel):
         "model": "ppca-mnist", "image_shape": [2, 2], "images": [[[0.0, 0.5], [1.0, 0.25]]]}]})
     model: str
     image_shape: list[int]
-    images: list[list[list[float]]] = Field(..., description="E[x | z] per code as H x W arrays, clipped to "
-                                            "[0, 1] (Bernoulli probabilities or Gaussian means)")
+    channels: int = Field(1, description="1: grayscale, images H x W; 3: RGB, images H x W x 3")
+    images: list[list[list[float]]] | list[list[list[list[float]]]] = Field(
+        ..., description="E[x | z] per code as H x W arrays (H x W x 3 for colour models), clipped to [0, 1] "
+        "(Bernoulli probabilities or Gaussian means)")
 
 
 class SampleResponse(ImagesResponse):
@@ -184,6 +192,7 @@ class ModelInfo(BaseModel):
     name: str
     kind: str
     image_shape: list[int]
+    channels: int = Field(1, description="1: grayscale; 3: RGB (images H x W x 3, D = H * W * 3)")
     data_dim: int
     latent_dim: int
     likelihood: str

@@ -56,6 +56,10 @@ def _base_parser() -> argparse.ArgumentParser:
                           "their fixed 1,000 test rows)")
     fit.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                      help="resize images of a user folder to H x W (default: the first image's size)")
+    fit.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                     help="1: grayscale, 3: RGB; user images are converted to it (colour to gray by ITU-R 601-2 luma, "
+                          "gray repeated into RGB, transparent pixels on white). Default: the data's own (3 when the "
+                          "images are colour; a folder mixing both needs it)")
     fit.add_argument("--no-export", action="store_true", help="do not export ONNX graphs into --out")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -121,7 +125,7 @@ def _fit(driver: ModuleType, args: argparse.Namespace) -> int:
 
     image_size = tuple(args.image_size) if args.image_size else None
     data = load_dataset(args.dataset, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
-                        image_size=image_size)
+                        image_size=image_size, channels=args.channels)
     metrics = driver.fit(args, data, args.out)
     if not args.no_export:
         from training.export import export_checkpoint

@@ -60,6 +60,7 @@ def run_meta(args, data, settings: dict, history: dict | list) -> dict:
         "valid_fraction": args.valid_fraction,
         "test_fraction": getattr(args, "test_fraction", TEST_FRACTION),
         "image_shape": list(data.image_shape),
+        "channels": data.channels,
         "training": settings,
         "history": history,
     }

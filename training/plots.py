@@ -62,14 +62,19 @@ def paired_rows(first: np.ndarray, second: np.ndarray, ncols: int = 8) -> tuple[
 
 def save_image_grid(images: np.ndarray, path: str | Path, title: str, *, ncols: int | None = None,
                     cmap: str = "gray", symmetric: bool = False) -> Path:
-    """Save images [N, H, W] (or [N, H, W, 3]) as one titled PNG; `symmetric` centres the colour map on 0
-    (signed single-channel images)."""
+    """Save images [N, H, W] (or [N, H, W, 3]) as one titled PNG; `symmetric` shows signed images centred on 0:
+    a red-blue colour map for one channel; for RGB, 0 as mid-gray and each channel v as 0.5 + v / (2 max|v|)."""
     plt = _pyplot()
     grid = image_grid(images, ncols)
     fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / max(grid.shape[1], 1) + 0.4))
     if symmetric:
         lim = float(np.abs(grid).max()) or 1.0
-        ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        if grid.ndim == 3:
+            ax.imshow(0.5 + grid / (2 * lim), interpolation="nearest")
+        else:
+            ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    elif grid.ndim == 3:
+        ax.imshow(grid, interpolation="nearest")  # RGB in [0, 1]: no colour map
     else:
         ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_title(title)

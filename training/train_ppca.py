@@ -168,11 +168,11 @@ def _plots(model: PPCA, data: ImageData, history: list[float], method: str, out:
     # W is identified up to a rotation W R; its left singular vectors are the principal directions
     # whatever R the fit ended in (EM and SEM do not align them), ordered by the variance they explain.
     U, s, _ = np.linalg.svd(model.W.detach().numpy(), full_matrices=False)
-    directions = plots.as_images((U[:, :16] * s[:16]).T, data.image_shape)
+    directions = plots.as_images((U[:, :16] * s[:16]).T, data.pixel_shape)
     plots.save_image_grid(directions, out / "directions.png", "principal directions (left singular vectors of W)",
                           symmetric=True)
     x, _ = model.sample(16, torch.Generator().manual_seed(0))
-    plots.save_image_grid(plots.as_images(x.clamp(0, 1).numpy(), data.image_shape), out / "samples.png",
+    plots.save_image_grid(plots.as_images(x.clamp(0, 1).numpy(), data.pixel_shape), out / "samples.png",
                           "samples x ~ p(x)")
 
 

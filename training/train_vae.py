@@ -279,13 +279,13 @@ def _plots(model: VAE, data: ImageData, history: dict[str, list[float]], kind: s
     plots.save_curves(history, out / "elbo.png", title=f"{kind}: ELBO per epoch", xlabel="epoch",
                       ylabel="nats / image")
     x = model.sample(64, torch.Generator().manual_seed(0))
-    plots.save_image_grid(plots.as_images(x.clamp(0, 1).numpy(), data.image_shape), out / "samples.png",
+    plots.save_image_grid(plots.as_images(x.clamp(0, 1).numpy(), data.pixel_shape), out / "samples.png",
                           "samples: E[x | z], z ~ N(0, I)", ncols=8)
     test = torch.as_tensor(data.test[:32], dtype=torch.float32)
     recon = model.reconstruct(test).clamp(0, 1)
     # rows alternate: up to 8 test images, then their reconstructions
-    pairs, ncols = plots.paired_rows(plots.as_images(test.numpy(), data.image_shape),
-                                     plots.as_images(recon.numpy(), data.image_shape), ncols=8)
+    pairs, ncols = plots.paired_rows(plots.as_images(test.numpy(), data.pixel_shape),
+                                     plots.as_images(recon.numpy(), data.pixel_shape), ncols=8)
     plots.save_image_grid(pairs, out / "reconstructions.png",
                           "test images (odd rows) and reconstructions (even rows)", ncols=ncols)
 

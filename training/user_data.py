@@ -2,8 +2,9 @@
 files, each checked before any training, with a :class:`DataError` that names the file, says what is wrong
 and what is expected.
 
-Images come out as float64 [N, H, W] in [0, 1] (grayscale; the channel count of every folder file is
-read, see :func:`image_channels`, so that a mix is refused rather than silently merged).
+Images come out as float64 [N, H, W] (grayscale) or [N, H, W, 3] (RGB, channels last) in [0, 1]. The
+channels follow the data unless asked for: the channel count of every folder file is read (see
+:func:`image_channels`), so that a mix is refused rather than silently merged when none is asked for.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+CHANNELS = (1, 3)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # The smallest image side accepted (files, arrays and --image-size): the smallest images this project
 # models and serves are scikit-learn's 8x8 digits. A smaller side is nearly always a mistake: an [N, D]
@@ -30,19 +32,25 @@ class DataError(ValueError):
     """A dataset could not be loaded: the message names the file and what is wrong."""
 
 
-def load_images(path: str | Path, *, image_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Load images as float64 [N, H, W] in [0, 1] from an IDX file, a .npz/.npy file or a folder.
+def load_images(path: str | Path, *, image_size: tuple[int, int] | None = None,
+                channels: int | None = None) -> np.ndarray:
+    """Load images as float64 [N, H, W] (grayscale) or [N, H, W, 3] (RGB) in [0, 1] from an IDX file, a
+    .npz/.npy file or a folder.
 
     Integer arrays are read as 0..255 pixels; float arrays must already lie in [0, 1]. Arrays are
-    [N, H, W], [N, H, W, 1] or square images flattened to [N, H*W]. ``image_size`` (H, W) resizes
-    folder images (the default is the first image's size). Every side must be at least MIN_SIDE.
-    Anything else raises a DataError that names the file, what is wrong and what is expected.
+    [N, H, W], [N, H, W, 1], [N, H, W, 3] (RGB) or square grayscale images flattened to [N, H*W]; IDX
+    files alike. ``channels`` (1 or 3) converts the images to grayscale or RGB; None keeps the data's own
+    (a folder mixing grayscale and colour files then fails). ``image_size`` (H, W) resizes folder images
+    (the default is the first image's size). Every side must be at least MIN_SIDE. Anything else raises a
+    DataError that names the file, what is wrong and what is expected.
     """
     path = Path(path)
+    if channels not in (None, *CHANNELS):
+        raise DataError(f"--channels {channels}: expected 1 (grayscale) or 3 (RGB)")
     if image_size is not None:
         _check_side(tuple(image_size), "--image-size")
     if path.is_dir():
-        return _load_image_folder(path, image_size)
+        return _load_image_folder(path, image_size, channels)
     suffixes = "".join(path.suffixes[-2:]).lower()
     if path.suffix.lower() == ".npy":
         arr = _load_npy(path)
@@ -56,9 +64,19 @@ def load_images(path: str | Path, *, image_size: tuple[int, int] | None = None) 
             "optionally .gz), a .npz/.npy array or a folder of PNG/JPEG images"
         )
     images = _to_unit_images(arr, path)
-    if image_size is not None and tuple(image_size) != images.shape[1:]:
+    if image_size is not None and tuple(image_size) != images.shape[1:3]:
         raise DataError(f"{path}: --image-size resizes the images of a folder only; this file holds "
                         f"{images.shape[1]}x{images.shape[2]} images (leave --image-size out, or resize the array)")
+    return _array_channels(images, channels)
+
+
+def _array_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
+    """Array images [N, H, W] or [N, H, W, 3] converted to `channels` (None: as they are): RGB to gray by the
+    ITU-R 601-2 luma that Pillow's "L" (and so the service) uses, gray repeated into the three channels."""
+    if channels == 1 and images.ndim == 4:
+        return images @ np.array([0.299, 0.587, 0.114])
+    if channels == 3 and images.ndim == 3:
+        return np.repeat(images[..., None], 3, axis=3)
     return images
 
 
@@ -120,8 +138,8 @@ def _load_npz(path: Path) -> np.ndarray:
 
 
 def _to_unit_images(arr: np.ndarray, path: Path) -> np.ndarray:
-    expected = ("expected grayscale images [N, H, W] (or [N, H, W, 1], or square images flattened to [N, H*W]) "
-                "of integers 0..255 or floats in [0, 1]")
+    expected = ("expected images [N, H, W] or [N, H, W, 1] (grayscale), [N, H, W, 3] (RGB, channels last), or "
+                "square grayscale images flattened to [N, H*W], of integers 0..255 or floats in [0, 1]")
     if arr.ndim == 2:
         side = int(round(np.sqrt(arr.shape[1])))
         if side * side != arr.shape[1]:
@@ -131,18 +149,17 @@ def _to_unit_images(arr: np.ndarray, path: Path) -> np.ndarray:
         arr = arr.reshape(len(arr), side, side)
     elif arr.ndim == 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    elif arr.ndim == 4 and arr.shape[-1] in (3, 4):
-        raise DataError(f"{path}: colour images of shape {list(arr.shape)}: this version models grayscale "
-                        f"only; {expected} (convert colour with the service's luma, "
-                        "x[..., :3] @ [0.299, 0.587, 0.114])")
-    elif arr.ndim == 4 and arr.shape[1] in (1, 3, 4):
+    elif arr.ndim == 4 and arr.shape[-1] == 4:
+        raise DataError(f"{path}: RGBA images of shape {list(arr.shape)}; {expected} (drop or composite the alpha "
+                        "channel, e.g. x[..., :3])")
+    elif arr.ndim == 4 and arr.shape[1] in (1, 3, 4) and arr.shape[-1] != 3:
         raise DataError(f"{path}: an array of shape {list(arr.shape)} looks channels-first; {expected} "
                         "(channels last: numpy.moveaxis(x, 1, -1))")
-    if arr.ndim != 3:
+    if arr.ndim != 3 and not (arr.ndim == 4 and arr.shape[-1] == 3):
         raise DataError(f"{path}: an array of shape {list(arr.shape)}; {expected}")
     if arr.shape[0] == 0:
         raise DataError(f"{path}: the array holds no images (shape {list(arr.shape)}); {expected}")
-    _check_side(arr.shape[1:], str(path))
+    _check_side(arr.shape[1:3], str(path))
     if arr.dtype == np.bool_:
         return arr.astype(np.float64)
     if np.issubdtype(arr.dtype, np.integer):
@@ -173,27 +190,23 @@ def image_channels(im) -> int:
     return 3
 
 
-def _gray_pixels(im) -> np.ndarray:
-    """A Pillow image -> float64 [H, W] in [0, 1] by the service's own conversion of uploads (ITU-R 601-2
-    luma, transparent pixels on white, 16-bit images scaled by 65535), so that a file is the same pixels
-    in training and in serving."""
-    from service.images import to_float_gray
-
-    return to_float_gray(im).astype(np.float64)
-
-
 def _examples(files: list[Path], folder: Path, limit: int = 3) -> str:
     names = ", ".join(str(f.relative_to(folder)) for f in files[:limit])
     return names + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
 
-def _load_image_folder(folder: Path, image_size: tuple[int, int] | None) -> np.ndarray:
-    """Every image file under `folder` (sorted by path) as float64 [N, H, W] in [0, 1].
+def _load_image_folder(folder: Path, image_size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    """Every image file under `folder` (sorted by path) as float64 [N, H, W] or [N, H, W, 3] in [0, 1].
 
-    All files are checked before any pixel is used: unreadable files, files below MIN_SIDE and a mix
-    of grayscale and colour files are each reported with the files' names.
+    All files are checked before any pixel is used: unreadable files, files below MIN_SIDE and, unless
+    `channels` says what to convert them to, a mix of grayscale and colour files are each reported with
+    the files' names. Pixels are the service's own conversion of uploads (service/pixels.py: transparent
+    pixels on white, 16-bit images scaled by 65535, luma for gray), so that a file is the same pixels in
+    training and in serving.
     """
     from PIL import Image, UnidentifiedImageError
+
+    from service.pixels import resize, to_float
 
     everything = [p for p in folder.rglob("*") if p.is_file()]
     files = sorted(p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -201,17 +214,17 @@ def _load_image_folder(folder: Path, image_size: tuple[int, int] | None) -> np.n
         found = f"it holds {len(everything)} other files" if everything else "it is empty"
         raise DataError(f"{folder}: no images found ({found}); expected image files ending in "
                         f"{', '.join(IMAGE_SUFFIXES)}")
-    pixels: dict[Path, np.ndarray] = {}
+    opened: dict[Path, Image.Image] = {}
     unreadable, small, by_channels = [], [], {1: [], 3: []}
     for f in files:
         try:
             with Image.open(f) as im:
-                im.load()
+                im.load()  # the pixels stay in memory once the file is closed
                 if min(im.height, im.width) < MIN_SIDE:
                     small.append(f"{f.relative_to(folder)} ({im.height}x{im.width})")
                     continue
                 by_channels[image_channels(im)].append(f)
-                pixels[f] = _gray_pixels(im)
+                opened[f] = im
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             unreadable.append(f"{f.relative_to(folder)} ({type(e).__name__}: {str(e)[:120]})")
     if unreadable:
@@ -222,20 +235,21 @@ def _load_image_folder(folder: Path, image_size: tuple[int, int] | None) -> np.n
         raise DataError(f"{folder}: {len(small)} images are below the minimum size of {MIN_SIDE}x{MIN_SIDE} "
                         f"pixels: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''} (remove them)")
     gray, colour = by_channels[1], by_channels[3]
-    if gray and colour:
+    if gray and colour and channels is None:
         raise DataError(
             f"{folder}: the folder mixes {len(gray)} grayscale images ({_examples(gray, folder)}) with "
-            f"{len(colour)} colour images ({_examples(colour, folder)}); expected one kind. This version "
-            "models grayscale only: convert the colour files to grayscale (e.g. Pillow's "
-            "Image.convert('L')), or remove the odd ones out")
-    size = tuple(image_size) if image_size is not None else pixels[files[0]].shape
+            f"{len(colour)} colour images ({_examples(colour, folder)}); expected one kind. Pass --channels 3 to "
+            "model colour (grayscale files repeated into RGB) or --channels 1 to model grayscale (colour "
+            "converted by luma), or convert the colour files to grayscale (e.g. Pillow's Image.convert('L')), "
+            "or remove the odd ones out")
+    target = channels or (3 if colour else 1)
+    size = tuple(image_size) if image_size is not None else None
     images = []
     for f in files:
-        x = pixels[f]
-        if x.shape != size:
+        x = to_float(opened.pop(f), target).astype(np.float64)
+        size = size or x.shape[:2]  # the first image's size by default
+        if x.shape[:2] != size:
             # Lanczos on float pixels, then clipped: what the service does to uploads of another size
-            resized = Image.fromarray(x.astype(np.float32), mode="F").resize((size[1], size[0]),
-                                                                              Image.Resampling.LANCZOS)
-            x = np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)
+            x = resize(x, size).astype(np.float64)
         images.append(x)
     return np.stack(images)

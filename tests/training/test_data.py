@@ -96,8 +96,9 @@ def test_image_folder_grayscale_and_resize(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(np.full((10, 10, 3), 255, np.uint8)).save(folder / "a.png")
-    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "b.jpg")  # colour files only: gray
-    images = load_images(folder, image_size=(8, 8))
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "b.jpg")  # colour files: RGB by default
+    assert load_images(folder, image_size=(8, 8)).shape == (2, 8, 8, 3)
+    images = load_images(folder, image_size=(8, 8), channels=1)
     assert images.shape == (2, 8, 8)
     assert np.allclose(images[0], 1.0) and np.allclose(images[1], 0.0, atol=0.02)
     (folder / "c.png").write_bytes(b"not a png")

@@ -94,9 +94,10 @@ def test_images_below_the_minimum_size(tmp_path, capsys):
 
 @pytest.mark.parametrize(("array", "message"), [
     (np.zeros((20, 70), np.uint8), "a 2-D array must hold square images flattened to N x (H*W); got 70 columns"),
-    (np.zeros((20, 16, 16, 3), np.uint8), "colour images of shape [20, 16, 16, 3]: this version models grayscale"),
+    (np.zeros((20, 16, 16, 4), np.uint8), "RGBA images of shape [20, 16, 16, 4]; expected images [N, H, W]"),
     (np.zeros((20, 1, 16, 16), np.uint8), "an array of shape [20, 1, 16, 16] looks channels-first"),
-    (np.zeros(20, np.uint8), "an array of shape [20]; expected grayscale images [N, H, W]"),
+    (np.zeros(20, np.uint8), "an array of shape [20]; expected images [N, H, W] or [N, H, W, 1] (grayscale), "
+                             "[N, H, W, 3] (RGB, channels last)"),
     (np.zeros((0, 16, 16), np.uint8), "the array holds no images (shape [0, 16, 16])"),
     (np.full((20, 16, 16), 300, np.uint16), "integer pixels must lie in 0..255, got 300..300"),
     (np.full((20, 16, 16), 255.0), "float pixels must lie in [0, 1], got 255..255"),
