@@ -42,8 +42,8 @@ def test_openapi_states_the_loaded_models_and_their_limits(live):
     assert next(s for s in param["schema"]["anyOf"] if s.get("type") == "string")["enum"] == names
     ext = spec["x-latentserve"]
     assert ext["default_model"] == models["default_model"]
-    assert ext["models"] == {m["name"]: {"image_shape": m["image_shape"], "data_dim": m["data_dim"],
-                                         "latent_dim": m["latent_dim"]} for m in models["models"]}
+    keys = ("image_shape", "channels", "data_dim", "latent_dim")
+    assert ext["models"] == {m["name"]: {k: m[k] for k in keys} for m in models["models"]}
     assert spec["components"]["schemas"]["ImagesJSON"]["additionalProperties"] is False
 
     r = httpx.get(f"{live.url}/sample", params={"model": "", "format": "json", "n": 1})
