@@ -111,6 +111,17 @@ class SEMSettings:
             raise ValueError(f"t0 must be positive, got {self.t0}")
 
 
+def sample_posterior(xc: Tensor, W: Tensor, sigma2: Tensor, chol: Tensor,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """The E'-step: one z_j ~ N(M^-1 W^T x_c_j, sigma2 M^-1) per centred row x_c_j, given M's Cholesky factor L.
+
+    The mean is M^-1 W^T x_c; the covariance sigma2 M^-1 = sigma2 L^-T L^-1 is that of sigma L^-T eps, eps ~ N(0, I).
+    """
+    mean = torch.cholesky_solve((xc @ W).T, chol).T  # [B, d]
+    eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    return mean + sigma2.sqrt() * torch.linalg.solve_triangular(chol.T, eps.T, upper=True).T
+
+
 class StochasticEM:
     """Runs the steps of the module docstring on ``model`` over the rows ``x`` [N, D].
 
@@ -170,10 +181,7 @@ class StochasticEM:
         chol = self._chol_or_raise(W, s2, None, "before it")
         B = len(xb)
         xc = xb - mu
-        mean = torch.cholesky_solve((xc @ W).T, chol).T  # M^-1 W^T x_c for every row: [B, d]
-        eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=self.generator)
-        # Cov = sigma2 M^-1 = sigma2 L^-T L^-1, so sigma L^-T eps has it.
-        z = mean + s2.sqrt() * torch.linalg.solve_triangular(chol.T, eps.T, upper=True).T
+        z = sample_posterior(xc, W, s2, chol, self.generator)
         r = xc - z @ W.T
         r2 = r.pow(2).sum(1)
         g_mu = r.mean(0) / s2
