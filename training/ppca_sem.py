@@ -127,6 +127,8 @@ class StochasticEM:
 
     ``points_seen`` and ``steps`` count from the start; :meth:`advance` runs whole steps until at least
     a given number of further points has been seen; ``last_kappa`` is the step size of the last step.
+    The object owns the model's parameters while it runs: it keeps the Cholesky factor of M from each
+    step's check for the next E'-step (computing W^T W is most of a one-row step's cost).
     """
 
     def __init__(self, model: PPCA, x: Tensor, settings: SEMSettings, generator: torch.Generator | None = None):
@@ -142,6 +144,7 @@ class StochasticEM:
         self.last_kappa = float("nan")
         self._order = torch.empty(0, dtype=torch.long, device=self.x.device)
         self._pos = 0
+        self._chol: Tensor | None = None  # of M at the model's current parameters
 
     # -- step size ----------------------------------------------------------------------------
     def kappa(self, curvature: float, batch: int) -> float:
@@ -178,7 +181,7 @@ class StochasticEM:
         model, D = self.model, self.model.config.data_dim
         mu, W, s = model.mu.detach(), model.W.detach(), model.log_sigma2.detach()
         s2 = s.exp()
-        chol = self._chol_or_raise(W, s2, None, "before it")
+        chol = self._chol if self._chol is not None else self._chol_or_raise(W, s2, None, "before it")
         B = len(xb)
         xc = xb - mu
         z = sample_posterior(xc, W, s2, chol, self.generator)
@@ -199,7 +202,7 @@ class StochasticEM:
         mu_new = mu + (kappa * q) * g_mu
         W_new = W + (kappa * q) * g_W
         s_new = s + (kappa * 2.0 / D) * g_s
-        self._check(mu_new, W_new, s_new, kappa, curvature)
+        self._chol = self._check(mu_new, W_new, s_new, kappa, curvature)
         model.mu.copy_(mu_new)
         model.W.copy_(W_new)
         model.log_sigma2.copy_(s_new)
@@ -209,13 +212,14 @@ class StochasticEM:
         return kappa
 
     # -- divergence ---------------------------------------------------------------------------
-    def _check(self, mu: Tensor, W: Tensor, s: Tensor, kappa: float, curvature: float) -> None:
+    def _check(self, mu: Tensor, W: Tensor, s: Tensor, kappa: float, curvature: float) -> Tensor:
+        """Raises :class:`DivergenceError` unless the new parameters are valid; returns the Cholesky factor of M."""
         sigma2 = float(s.exp())
         if not (math.isfinite(sigma2) and sigma2 > 0):
             self._raise(f"sigma2 became {sigma2!r} (log sigma2 = {float(s)!r})", kappa, curvature)
         if not bool(torch.isfinite(mu).all() and torch.isfinite(W).all()):
             self._raise("mu or W has non-finite entries", kappa, curvature)
-        self._chol_or_raise(W, s.exp(), (kappa, curvature), "after it")
+        return self._chol_or_raise(W, s.exp(), (kappa, curvature), "after it")
 
     def _chol_or_raise(self, W: Tensor, s2: Tensor, step: tuple[float, float] | None, when: str) -> Tensor:
         d = self.model.config.latent_dim
