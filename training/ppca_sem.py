@@ -87,7 +87,7 @@ class DivergenceError(ValueError):
 @dataclass
 class SEMSettings:
     step: str = "natural"
-    sampling: str = "with-replacement"
+    sampling: str = "epochs"
     batch_size: int = 100
     kappa0: float | None = None  # None: the automatic rule min(1 / L_t, B eta(n_t))
     rho0: float = 0.1  # automatic rule: per-point rate as a fraction of the single-point stability limit
