@@ -99,14 +99,6 @@ class PPCA(nn.Module):
         log_det_C = (D - d) * sigma2.log() + 2.0 * L.diagonal().log().sum()
         return -0.5 * (D * LOG_2PI + log_det_C + quad)
 
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x, z | theta) = log N(x; mu + W z, sigma2 I) + log N(z; 0, I), per sample [N]."""
-        D, d = self.config.data_dim, self.config.latent_dim
-        r = x - self.mu - z @ self.W.T
-        log_px_z = -0.5 * (D * (LOG_2PI + self.log_sigma2) + r.pow(2).sum(1) / self.sigma2)
-        log_pz = -0.5 * (d * LOG_2PI + z.pow(2).sum(1))
-        return log_px_z + log_pz
-
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """n draws (x [n, D], z [n, d]) from the model."""
