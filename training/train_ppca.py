@@ -97,7 +97,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
             iterations = _fit_sem(model, x, args, history, generator)
         except DivergenceError as e:
             # The model holds the parameters from before the failed step: keep them for inspection.
-            meta = run_meta(args, data, {"method": "sem", "diverged": str(e), **_sem_settings(args)}, history)
+            meta = run_meta(args, data, {"method": "sem", "diverged": str(e), **_sem_record(args)}, history)
             path = save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(),
                                    meta=meta)
             raise DivergenceError(f"{e} The last good parameters are saved in {path}.", step=e.step,
@@ -116,7 +116,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
         "seconds": seconds,
     }
     if args.method == "sem":
-        settings.update(_sem_settings(args))
+        settings.update(_sem_record(args))
     meta = run_meta(args, data, settings, history)
     model = model.cpu()
     save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.state_dict(), meta=meta)
@@ -148,19 +148,22 @@ def _fit_em(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: lis
     return max_iter
 
 
-def _sem_settings(args: argparse.Namespace) -> dict:
-    return {"step": args.step, "sampling": args.sampling, "batch_size": args.batch_size,
-            "kappa0": "auto" if args.kappa0 is None else args.kappa0, "rho0": args.rho0, "power": args.power,
-            "t0": args.t0}
+def _sem_settings(args: argparse.Namespace) -> SEMSettings:
+    return SEMSettings(step=args.step, sampling=args.sampling, batch_size=args.batch_size, kappa0=args.kappa0,
+                       rho0=args.rho0, power=args.power, t0=args.t0)
+
+
+def _sem_record(args: argparse.Namespace) -> dict:
+    """The SEM settings as the checkpoint and metrics record them (kappa0 'auto' for the automatic rule)."""
+    record = asdict(_sem_settings(args))
+    return {**record, "kappa0": "auto" if record["kappa0"] is None else record["kappa0"]}
 
 
 def _fit_sem(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: list[float],
              generator: torch.Generator) -> int:
     """Epochs of N points each (whatever the batch size); the exact log-likelihood after each."""
     epochs = args.iterations or 60
-    settings = SEMSettings(step=args.step, sampling=args.sampling, batch_size=args.batch_size, kappa0=args.kappa0,
-                           rho0=args.rho0, power=args.power, t0=args.t0)
-    sem = StochasticEM(model, x, settings, generator)
+    sem = StochasticEM(model, x, _sem_settings(args), generator)
     bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=args.quiet)
     for _ in bar:
         sem.advance(len(x))
