@@ -183,7 +183,7 @@ class StochasticEM:
         model, D = self.model, self.model.config.data_dim
         mu, W, s = model.mu.detach(), model.W.detach(), model.log_sigma2.detach()
         s2 = s.exp()
-        chol = self._chol if self._chol is not None else self._chol_or_raise(W, s2, None, "before it")
+        chol = self._chol if self._chol is not None else self._chol_or_raise(W, s2, None)
         B = len(xb)
         xc = xb - mu
         z = sample_posterior(xc, W, s2, chol, self.generator)
@@ -221,14 +221,16 @@ class StochasticEM:
             self._raise(f"sigma2 became {sigma2!r} (log sigma2 = {float(s)!r})", kappa, curvature)
         if not bool(torch.isfinite(mu).all() and torch.isfinite(W).all()):
             self._raise("mu or W has non-finite entries", kappa, curvature)
-        return self._chol_or_raise(W, s.exp(), (kappa, curvature), "after it")
+        return self._chol_or_raise(W, s.exp(), (kappa, curvature))
 
-    def _chol_or_raise(self, W: Tensor, s2: Tensor, step: tuple[float, float] | None, when: str) -> Tensor:
+    def _chol_or_raise(self, W: Tensor, s2: Tensor, step: tuple[float, float] | None) -> Tensor:
+        """M's Cholesky factor; ``step`` is (kappa, L) for the parameters a step made, None for those it starts from."""
         d = self.model.config.latent_dim
         M = W.T @ W + s2 * torch.eye(d, dtype=W.dtype, device=W.device)
         chol, info = torch.linalg.cholesky_ex(M)
         if int(info) != 0:
-            kappa, curvature = step if step is not None else (self.last_kappa, float("nan"))
+            when = "after it" if step is not None else "at the parameters it starts from"
+            kappa, curvature = step if step is not None else (float("nan"), float("nan"))
             self._raise(f"M = W^T W + sigma2 I is not positive definite {when} (Cholesky failed at leading minor "
                         f"{int(info)}; sigma2 = {float(s2):.3g}, largest |W| entry {float(W.abs().max()):.3g})",
                         kappa, curvature)
@@ -240,12 +242,15 @@ class StochasticEM:
         where = (f"step {self.steps + 1} (epoch {self.points_seen // N + 1}, {self.points_seen} points seen, "
                  f"batch size {s.batch_size}, --step {s.step})")
         limit = 1.0 / curvature if math.isfinite(curvature) and curvature > 0 else float("nan")
-        if s.kappa0 is not None:
+        if not math.isfinite(kappa):  # no step was taken: the starting point is degenerate
+            advice = ("start from the data's mean and variance (training.ppca.init_from_data) or from a fitted "
+                      "model, with sigma2 well above the rounding error of W^T W")
+        elif s.kappa0 is not None:
             advice = (f"the step size kappa = {kappa:.3g} from --kappa0 {s.kappa0:g} was {kappa / limit:.3g} times "
                       f"this step's stability limit 1/L = {limit:.3g}; use --kappa0 auto (the default, capped at "
                       f"1/L) or a --kappa0 below {limit:.3g}")
         else:
             advice = (f"the step size was kappa = {kappa:.3g} (stability limit 1/L = {limit:.3g}); try a smaller "
                       f"--rho0 (now {s.rho0:g}), --step natural, or check the data for extreme rows")
-        raise DivergenceError(f"stochastic EM diverged at {where}: {reason}. The parameters from before this step are "
-                       f"kept. What to try: {advice}.", step=self.steps + 1, kappa=kappa)
+        raise DivergenceError(f"stochastic EM diverged at {where}: {reason}. The parameters from before this step "
+                              f"are kept. What to try: {advice}.", step=self.steps + 1, kappa=kappa)

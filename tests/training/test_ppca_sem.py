@@ -151,13 +151,16 @@ def test_divergence_after_good_steps_keeps_the_last_good_step(digits):
 
 
 def test_loss_of_positive_definiteness_is_reported_not_a_cholesky_traceback():
+    # With sigma2 > 0, M is positive definite in exact arithmetic: only rounding (sigma2 far below W^T W on a
+    # rank-deficient W) breaks it. The check after a step is the same function.
     model = _random_model(D=6, d=2)
     W = torch.ones(6, 2, dtype=torch.float64) * 1e10  # two equal columns: W^T W is singular
     model.set_parameters(torch.zeros(6, dtype=torch.float64), W, 1e-300)
     x = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     sem = StochasticEM(model, x, SEMSettings(batch_size=1))
-    with pytest.raises(DivergenceError, match="not positive definite"):
+    with pytest.raises(DivergenceError, match="not positive definite at the parameters it starts from") as info:
         sem.step(x[:1])
+    assert "What to try: start from the data's mean and variance" in str(info.value)
 
 
 def test_settings_are_validated():
