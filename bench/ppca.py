@@ -161,7 +161,8 @@ def run_sem(digits_epochs: int, mnist_epochs: int, plot: Path, evals_per_epoch: 
             curve, reached, final, seconds = _curve_run(x, best, d, epochs, evals_per_epoch, s)
             curves[key]["runs"][label] = curve
             unit = "it" if s is None else "ep"
-            rows.append([key, d, label, f"{reached[0]:g} {unit} / {reached[1]:.2f} s" if reached else "not reached",
+            to_gap = f"{reached[0]:.3g} {unit} / {reached[1]:.2f} s" if reached else "not reached"
+            rows.append([key, d, label, to_gap,
                          f"{final:.3f}", f"{epochs} {unit} / {seconds:.1f} s"])
             print(rows[-1], flush=True)
     _plot(curves, plot)
