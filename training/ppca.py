@@ -9,8 +9,9 @@ Three ways to fit it, sharing one model class:
 * :func:`em_step` -- exact EM with the posterior moments under M = W^T W + sigma2 I, O(N D d) per
   iteration, accumulated over chunks so the data need not fit in one batch and never forming the
   D x D covariance;
-* :func:`sem_step` -- stochastic EM: draw a minibatch, sample z_hat from its exact posterior
-  p(z | x, theta), and take a Robbins-Monro step along the gradient of log p(x, z_hat | theta).
+* stochastic EM (:mod:`training.ppca_sem`) -- draw a minibatch, down to one row, sample z_hat from its
+  exact posterior p(z | x, theta), and take a Robbins-Monro step along the (plain or natural) gradient
+  of log p(x, z_hat | theta).
 
 Everything is in float64 and in nats, with every constant of the Gaussian densities kept.
 """
@@ -98,14 +99,6 @@ class PPCA(nn.Module):
         log_det_C = (D - d) * sigma2.log() + 2.0 * L.diagonal().log().sum()
         return -0.5 * (D * LOG_2PI + log_det_C + quad)
 
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x, z | theta) = log N(x; mu + W z, sigma2 I) + log N(z; 0, I), per sample [N]."""
-        D, d = self.config.data_dim, self.config.latent_dim
-        r = x - self.mu - z @ self.W.T
-        log_px_z = -0.5 * (D * (LOG_2PI + self.log_sigma2) + r.pow(2).sum(1) / self.sigma2)
-        log_pz = -0.5 * (d * LOG_2PI + z.pow(2).sum(1))
-        return log_px_z + log_pz
-
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """n draws (x [n, D], z [n, d]) from the model."""
@@ -189,40 +182,6 @@ def em_step(model: PPCA, x: Tensor, chunk_size: int = 4096) -> None:
     W_new = torch.linalg.solve(sum_Ezz, sum_xc_Ez.T).T  # sum_Ezz is symmetric
     sigma2_new = (sum_sq - 2.0 * (sum_xc_Ez * W_new).sum() + (sum_Ezz * (W_new.T @ W_new)).sum()) / (N * D)
     model.set_parameters(mu, W_new, sigma2_new)
-
-
-def sem_step(model: PPCA, xb: Tensor, kappa: float, generator: torch.Generator | None = None) -> Tensor:
-    """One stochastic-EM step on the minibatch ``xb``; returns the minibatch's mean log p(x, z_hat).
-
-    E'-step: q(z_j) = p(z_j | x_j, theta) exactly, and z_hat ~ q(z_j).
-    M'-step: theta <- theta + kappa * G grad_theta (1/B) sum_j log p(x_j, z_hat_j | theta), with
-    theta = (mu, W, log sigma2) and G the inverse Fisher information of p(x | z, theta) in each
-    block: sigma2 for mu and W, 2 / D for log sigma2 (a natural-gradient step; it makes one kappa
-    fit every dataset's scale). The caller makes kappa a Robbins-Monro sequence.
-    """
-    xb = model._check_x(xb)
-    with torch.no_grad():
-        mean, cov = model.posterior(xb)
-        L = torch.linalg.cholesky(cov)
-        eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
-        z_hat = mean + eps @ L.T
-    model.zero_grad(set_to_none=True)
-    objective = model.log_joint(xb, z_hat).mean()
-    objective.backward()
-    D = model.config.data_dim
-    with torch.no_grad():
-        sigma2 = model.sigma2.detach().clone()
-        model.mu.add_(kappa * sigma2 * model.mu.grad)
-        model.W.add_(kappa * sigma2 * model.W.grad)
-        model.log_sigma2.add_(kappa * (2.0 / D) * model.log_sigma2.grad)
-    return objective.detach()
-
-
-def robbins_monro(kappa0: float, t: int, t0: float = 100.0, power: float = 0.7) -> float:
-    """kappa_t = kappa0 / (1 + t / t0)^power, 0.5 < power <= 1: sum kappa_t = inf, sum kappa_t^2 < inf."""
-    if not 0.5 < power <= 1.0:
-        raise ValueError(f"power must be in (0.5, 1] for a Robbins-Monro sequence, got {power}")
-    return kappa0 / (1.0 + t / t0) ** power
 
 
 @torch.no_grad()

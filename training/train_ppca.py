@@ -30,9 +30,8 @@ from training.ppca import (
     em_step,
     init_from_data,
     mean_log_prob,
-    robbins_monro,
-    sem_step,
 )
+from training.ppca_sem import SAMPLINGS, STEPS, DivergenceError, SEMSettings, StochasticEM
 
 METHODS = ("em", "sem", "closed-form")
 # Figures for [0, 1] data are densities; bits/dim reads them as 256 levels per pixel.
@@ -47,11 +46,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="EM: maximum iterations (default 5000); SEM: epochs over the data (default 60)")
     g.add_argument("--tol", type=float, default=1e-7,
                    help="EM stops when the log-likelihood gains less than this many nats/image in an iteration")
-    g.add_argument("--batch-size", type=int, default=100, help="SEM minibatch size")
-    g.add_argument("--kappa0", type=float, default=0.05, help="SEM: first step size kappa_0")
-    g.add_argument("--t0", type=float, default=500.0, help="SEM: steps before kappa_t starts to decay")
-    g.add_argument("--power", type=float, default=0.6, help="SEM: kappa_t = kappa_0 / (1 + t/t0)^power")
+    g.add_argument("--batch-size", type=int, default=100, help="SEM: rows per step, from 1 to all of them")
+    g.add_argument("--step", choices=STEPS, default="natural",
+                   help="SEM M'-step: natural (Fisher-preconditioned gradient, default) or plain (the raw gradient "
+                        "in data-scaled coordinates); equations in training/ppca_sem.py")
+    g.add_argument("--sampling", choices=SAMPLINGS, default="epochs",
+                   help="SEM rows per step: epochs (shuffled passes, default) or with-replacement (uniform draws)")
+    g.add_argument("--kappa0", type=_kappa0, default=None, metavar="auto|K",
+                   help="SEM step size: auto (default) is min(1/L_t, B eta(n)), capped at the stability limit 1/L_t; "
+                        "a number K is the hand-tuned kappa_t = K / (1 + t/t0)^power with no cap")
+    g.add_argument("--rho0", type=float, default=0.1,
+                   help="SEM, --kappa0 auto: rate per data point, as a fraction of the one-row stability limit")
+    g.add_argument("--power", type=float, default=1.0,
+                   help="SEM: decay exponent of the step size, in (0.5, 1] (Robbins-Monro)")
+    g.add_argument("--t0", type=float, default=500.0, help="SEM with a number --kappa0: steps before kappa_t decays")
     g.add_argument("--chunk-size", type=int, default=4096, help="rows per chunk in EM sums and evaluation")
+
+
+def _kappa0(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}") from None
 
 
 def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
@@ -74,8 +92,16 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
         init_from_data(model, x, generator)
         iterations = _fit_em(model, x, args, history)
     elif args.method == "sem":
-        init_from_data(model, x[: args.batch_size], generator)
-        iterations = _fit_sem(model, x, args, history, generator)
+        init_from_data(model, x, generator)
+        try:
+            iterations = _fit_sem(model, x, args, history, generator)
+        except DivergenceError as e:
+            # The model holds the parameters from before the failed step: keep them for inspection.
+            meta = run_meta(args, data, {"method": "sem", "diverged": str(e), **_sem_record(args)}, history)
+            path = save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(),
+                                   meta=meta)
+            raise DivergenceError(f"{e} The last good parameters are saved in {path}.", step=e.step,
+                                  kappa=e.kappa) from None
     else:  # argparse restricts --method; this guards callers that build args by hand
         raise ValueError(f"unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
     seconds = time.perf_counter() - start
@@ -90,7 +116,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
         "seconds": seconds,
     }
     if args.method == "sem":
-        settings.update(batch_size=args.batch_size, kappa0=args.kappa0, t0=args.t0, power=args.power)
+        settings.update(_sem_record(args))
     meta = run_meta(args, data, settings, history)
     model = model.cpu()
     save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.state_dict(), meta=meta)
@@ -122,24 +148,28 @@ def _fit_em(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: lis
     return max_iter
 
 
+def _sem_settings(args: argparse.Namespace) -> SEMSettings:
+    return SEMSettings(step=args.step, sampling=args.sampling, batch_size=args.batch_size, kappa0=args.kappa0,
+                       rho0=args.rho0, power=args.power, t0=args.t0)
+
+
+def _sem_record(args: argparse.Namespace) -> dict:
+    """The SEM settings as the checkpoint and metrics record them (kappa0 'auto' for the automatic rule)."""
+    record = asdict(_sem_settings(args))
+    return {**record, "kappa0": "auto" if record["kappa0"] is None else record["kappa0"]}
+
+
 def _fit_sem(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: list[float],
              generator: torch.Generator) -> int:
+    """Epochs of N points each (whatever the batch size); the exact log-likelihood after each."""
     epochs = args.iterations or 60
-    n = len(x)
-    steps = 0
+    sem = StochasticEM(model, x, _sem_settings(args), generator)
     bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=args.quiet)
     for _ in bar:
-        perm = torch.randperm(n, device=x.device, generator=generator)
-        for i in range(0, n, args.batch_size):
-            kappa = robbins_monro(args.kappa0, steps, args.t0, args.power)
-            sem_step(model, x[perm[i : i + args.batch_size]], kappa, generator)
-            steps += 1
+        sem.advance(len(x))
         ll = mean_log_prob(model, x, args.chunk_size)
-        if not np.isfinite(ll):
-            raise FloatingPointError(f"stochastic EM diverged after {steps} steps (log-likelihood {ll}); "
-                                     f"lower --kappa0 (now {args.kappa0})")
         history.append(ll)
-        bar.set_postfix(loglik=f"{ll:.4f}", kappa=f"{kappa:.2e}", refresh=False)
+        bar.set_postfix(loglik=f"{ll:.4f}", kappa=f"{sem.last_kappa:.2e}", refresh=False)
     return epochs
 
 

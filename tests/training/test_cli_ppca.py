@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from training.cli import driver_for, main
 from training.common import read_json
@@ -42,3 +43,35 @@ def test_fit_help_lists_the_chosen_models_options(model, option, capsys):
         main(["fit", "--model", model, "--help"])  # no --out: help comes before the required options
     assert exit_info.value.code == 0
     assert option in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("step, sampling", [("natural", "with-replacement"), ("plain", "epochs")])
+def test_sem_with_one_row_per_step_runs(tmp_path, step, sampling, capsys):
+    out = tmp_path / "sem1"
+    assert main(["fit", "--model", "ppca", "--method", "sem", "--batch-size", "1", "--dataset", "digits",
+                 "--latent-dim", "10", "--step", step, "--sampling", sampling, "--iterations", "1",
+                 "--out", str(out), "--no-export", "--quiet"]) == 0
+    training = torch.load(out / "checkpoint.pt", weights_only=True)["meta"]["training"]
+    assert training["batch_size"] == 1 and training["step"] == step and training["sampling"] == sampling
+    assert training["kappa0"] == "auto"
+
+
+def test_sem_divergence_is_a_clear_error_and_keeps_the_last_good_parameters(tmp_path, capsys):
+    out = tmp_path / "diverged"
+    code = main(["fit", "--model", "ppca", "--method", "sem", "--batch-size", "1", "--dataset", "digits",
+                 "--latent-dim", "10", "--kappa0", "1e6", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err and "cholesky" not in err.lower()
+    assert "stochastic EM diverged at step 1" in err and "kappa = 1e+06" in err and "--kappa0 auto" in err
+    assert str(out / "checkpoint.pt") in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert "diverged at step 1" in ckpt["meta"]["training"]["diverged"]
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # no metrics, no export
+
+
+def test_sem_kappa0_must_be_auto_or_a_number(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "ppca", "--method", "sem", "--kappa0", "fast", "--out", str(tmp_path)])
+    assert "expected 'auto' or a positive number, got 'fast'" in capsys.readouterr().err

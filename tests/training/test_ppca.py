@@ -1,5 +1,6 @@
 """PPCA against independent references: the dense Gaussian density, the closed-form ML solution and
-scikit-learn's PCA (whose probabilistic model is PPCA with the N - 1 covariance convention)."""
+scikit-learn's PCA (whose probabilistic model is PPCA with the N - 1 covariance convention).
+Stochastic EM has its own tests in test_ppca_sem.py."""
 
 import numpy as np
 import pytest
@@ -14,8 +15,6 @@ from training.ppca import (
     em_step,
     init_from_data,
     mean_log_prob,
-    robbins_monro,
-    sem_step,
 )
 
 
@@ -86,39 +85,6 @@ def test_em_chunking_does_not_change_the_step(digits):
     em_step(a, digits, chunk_size=10_000)
     em_step(b, digits, chunk_size=97)
     assert torch.allclose(a.W, b.W, atol=1e-12) and torch.allclose(a.sigma2, b.sigma2, atol=1e-14)
-
-
-def test_sem_gradient_matches_analytic_complete_data_gradient():
-    model = _random_model()
-    x = torch.randn(4, 12, dtype=torch.float64)
-    z = torch.randn(4, 3, dtype=torch.float64)
-    model.zero_grad()
-    model.log_joint(x, z).mean().backward()
-    r = x - model.mu - z @ model.W.T
-    s2 = model.sigma2.detach()
-    assert torch.allclose(model.mu.grad, (r / s2).mean(0).detach(), atol=1e-10)
-    assert torch.allclose(model.W.grad, (r.T @ z / s2 / 4).detach(), atol=1e-10)
-    g_log_s2 = (-12 / 2 + r.pow(2).sum(1) / (2 * s2)).mean()
-    assert torch.allclose(model.log_sigma2.grad, g_log_s2.detach(), atol=1e-10)
-
-
-def test_sem_ends_near_the_optimum(digits):
-    best = mean_log_prob(PPCA(PPCAConfig(64, 10)).set_parameters(*closed_form(digits, 10)), digits)
-    g = torch.Generator().manual_seed(0)
-    model = init_from_data(PPCA(PPCAConfig(64, 10)), digits[:100], g)
-    steps = 0
-    for _ in range(30):
-        perm = torch.randperm(len(digits), generator=g)
-        for i in range(0, len(digits), 100):
-            sem_step(model, digits[perm[i : i + 100]], robbins_monro(0.05, steps, 500, 0.6), g)
-            steps += 1
-    assert best - mean_log_prob(model, digits) < 0.5
-
-
-def test_robbins_monro_rejects_non_convergent_powers():
-    assert robbins_monro(1.0, 0) == 1.0 and robbins_monro(1.0, 100, 100, 1.0) == 0.5
-    with pytest.raises(ValueError, match=r"\(0.5, 1\]"):
-        robbins_monro(1.0, 1, power=0.5)
 
 
 def test_sample_covariance_matches_model():
