@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from svc_helpers import start_server
+from user_data_checks import check_log_likelihood
 
 from service.repository import ModelRepositoryError, load_model_card
 from training.cli import driver_for, main
@@ -188,25 +189,7 @@ def _check_colour_model(url: str, name: str, runs: Path, folder: Path) -> None:
             assert np.abs(grid[top:top + H, left:left + W].astype(int) - np.round(samples[k] * 255)).max() <= 1
 
         # /log-likelihood of the RGB PNG: exact for ppca, the seeded bound for the VAEs; bits/dim with D = H W 3
-        S, seed = 5, 3
-        r = c.post("/log-likelihood", params={**q, "samples": S, "seed": seed},
-                   files=[("images", ("a.png", upload, "image/png"))])
-        assert r.status_code == 200, r.text
-        res = r.json()["results"][0]
-        if ckpt["kind"] == "ppca":
-            from scipy.stats import multivariate_normal
-
-            Wm, mu, s2 = model.W.detach().numpy(), model.mu.detach().numpy(), float(model.sigma2.detach())
-            want_ll = multivariate_normal(mu, Wm @ Wm.T + s2 * np.eye(D)).logpdf(x[0])
-            assert math.isclose(res["log_likelihood"], want_ll, rel_tol=1e-4)
-        else:
-            eps = np.random.default_rng(seed).standard_normal((1, S, model.config.latent_dim), dtype=np.float32)
-            with torch.no_grad():
-                lw = model.log_weights(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(eps)).double()
-            assert math.isclose(res["elbo"], float(lw.mean()), rel_tol=1e-3)
-            assert math.isclose(res["iw_bound"], float(torch.logsumexp(lw, 1) - math.log(S)), rel_tol=1e-3)
-        bpd = -(res["log_likelihood"] - D * math.log(256)) / (D * math.log(2))
-        assert math.isclose(res["bits_per_dim"], bpd, rel_tol=1e-6)
+        check_log_likelihood(c, q, upload, ckpt, model, x, D)
         metrics = info["metrics"]
         run_metrics = json.loads((runs / name / "metrics.json").read_text())
         want_bpd = -(run_metrics["test_log_likelihood"] - D * math.log(256)) / (D * math.log(2))

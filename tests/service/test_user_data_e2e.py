@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import math
 import struct
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 from svc_helpers import start_server
+from user_data_checks import check_log_likelihood
 
 from training.cli import driver_for, main
 from training.common import load_checkpoint
@@ -199,26 +199,7 @@ def _check_model(url: str, name: str, runs: Path, upload: bytes, shape: tuple[in
             assert np.abs(grid[top:top + H, left:left + W].astype(int) - np.round(samples[k] * 255)).max() <= 1
 
         # /log-likelihood of the uploaded PNG: exact for ppca, the seeded bound for the VAEs
-        S, seed = 5, 3
-        r = c.post("/log-likelihood", params={**q, "samples": S, "seed": seed},
-                   files=[("images", ("a.png", upload, "image/png"))])
-        assert r.status_code == 200, r.text
-        res = r.json()["results"][0]
-        if ckpt["kind"] == "ppca":
-            from scipy.stats import multivariate_normal
-
-            Wm, mu, s2 = model.W.detach().numpy(), model.mu.detach().numpy(), float(model.sigma2.detach())
-            want_ll = multivariate_normal(mu, Wm @ Wm.T + s2 * np.eye(H * W)).logpdf(x[0])
-            assert res["log_likelihood_exact"]
-            assert math.isclose(res["log_likelihood"], want_ll, rel_tol=1e-4)
-        else:
-            eps = np.random.default_rng(seed).standard_normal((1, S, model.config.latent_dim), dtype=np.float32)
-            with torch.no_grad():
-                lw = model.log_weights(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(eps)).double()
-            assert math.isclose(res["elbo"], float(lw.mean()), rel_tol=1e-3)
-            assert math.isclose(res["iw_bound"], float(torch.logsumexp(lw, 1) - math.log(S)), rel_tol=1e-3)
-        bpd = -(res["log_likelihood"] - H * W * math.log(256)) / (H * W * math.log(2))
-        assert math.isclose(res["bits_per_dim"], bpd, rel_tol=1e-6)  # D = H * W: gaussian densities, 256 levels
+        check_log_likelihood(c, q, upload, ckpt, model, x, H * W)
 
 
 def test_image_folder_png_and_jpeg_resized(user_repo, server, capsys):
