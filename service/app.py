@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -99,20 +98,12 @@ def resolve_model(request: Request, name: str | None) -> LoadedModel:
 
 
 def json_response(content: dict, status_code: int = 200) -> Response:
-    """`content` (numpy arrays allowed) as JSON, serialized by orjson.
+    """`content` (numpy arrays allowed) as JSON, serialized by orjson (service/postprocess.py `dumps`).
 
     Returning a Response skips FastAPI's re-validation of the result against the route's
     response_model (which stays for the OpenAPI schema; the tests check the responses against it).
-    A float32 array prints each number in its shortest form that reads back as the same float32.
     """
-    return Response(orjson.dumps(content, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY),
-                    status_code=status_code, media_type="application/json")
-
-
-def _json_default(obj):
-    if isinstance(obj, np.ndarray):  # orjson serializes C-contiguous arrays only
-        return np.ascontiguousarray(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+    return Response(post.dumps(content), status_code=status_code, media_type="application/json")
 
 
 def _loaded(request: Request) -> bool:

@@ -127,7 +127,7 @@ class Offload:
 
     async def json(self, content: dict, size: int) -> Response:
         """`content` (numpy arrays allowed) as a JSON response; `size`: the numbers in it."""
-        body = await self.run(size, _dumps, content)
+        body = await self.run(size, dumps, content)
         return Response(body, media_type="application/json")
 
     async def png(self, images: np.ndarray, scale: int) -> Response:
@@ -138,7 +138,9 @@ class Offload:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _dumps(content: dict) -> bytes:
+def dumps(content: dict) -> bytes:
+    """`content` (numpy arrays allowed) as JSON bytes: a float32 array prints each number in its shortest form
+    that reads back as the same float32."""
     return orjson.dumps(content, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
