@@ -4,6 +4,7 @@
     python -m training evaluate runs/ppca
     python -m training export runs/ppca --out models/ppca-digits
     python -m training build-defaults --models-dir models
+    torchrun --nproc-per-node 2 -m training fit --model vae --dataset digits --out runs/vae   # 2 processes
 
 Each model kind has a driver module (`DRIVERS`) that adds its own options to `fit`, fits, evaluates
 and exports; the commands here only parse, dispatch and print.
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from training.data import TEST_FRACTION
+from training.distributed import DEFAULT_TIMEOUT_S, PeerError
 
 # kind -> driver module. A driver provides add_arguments(parser), fit(args, data, out) -> metrics,
 # evaluate(ckpt, args) -> figures and export(ckpt, out, ...) -> card.
@@ -61,6 +63,9 @@ def _base_parser() -> argparse.ArgumentParser:
                           "gray repeated into RGB, transparent pixels on white). Default: the data's own (3 when the "
                           "images are colour; a folder mixing both needs it)")
     fit.add_argument("--no-export", action="store_true", help="do not export ONNX graphs into --out")
+    fit.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                     help="under torchrun: seconds a rank waits for the others in a collective before the job "
+                          "stops with an error (a rank that died or hung)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("evaluate", help="print the test figures of a fitted model as JSON")
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PeerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -122,11 +130,29 @@ def _fit_model(argv: list[str]) -> str | None:
 
 def _fit(driver: ModuleType, args: argparse.Namespace) -> int:
     from training.data import load_dataset
+    from training.distributed import setup
+    from training.shards import open_dataset
 
-    image_size = tuple(args.image_size) if args.image_size else None
-    data = load_dataset(args.dataset, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
-                        image_size=image_size, channels=args.channels)
-    metrics = driver.fit(args, data, args.out)
+    dist = setup(args.device, args.dist_timeout)  # one process, or a rank of a torchrun job
+    try:
+        image_size = tuple(args.image_size) if args.image_size else None
+        # Under torchrun each rank maps only its own rows of a .npy or IDX file; one process loads the data.
+        data = (open_dataset(args.dataset, dist, valid_fraction=args.valid_fraction,
+                             test_fraction=args.test_fraction, image_size=image_size, channels=args.channels)
+                if dist.enabled else
+                load_dataset(args.dataset, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
+                             image_size=image_size, channels=args.channels))
+        metrics = driver.fit(args, data, args.out, dist=dist)
+    except (ValueError, FileNotFoundError) as e:
+        if not dist.enabled:
+            raise
+        # which rank says it: the launcher interleaves the ranks' output (a PeerError names its rank itself)
+        print(f"error (rank {dist.rank} of {dist.world_size}): {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.close()
+    if not dist.is_main:
+        return 0
     if not args.no_export:
         from training.export import export_checkpoint
 

@@ -1,5 +1,10 @@
 """Driver for `python -m training fit --model ppca`: fit by closed form, EM or stochastic EM, then
-write the checkpoint, `metrics.json` and plots. The math lives in :mod:`training.ppca`."""
+write the checkpoint, `metrics.json` and plots. The math lives in :mod:`training.ppca`.
+
+Under torchrun each rank holds its own rows (training/shards.py) and every fit runs on all-reduced sums:
+the closed form from N, sum x and the scatter, EM from one all-reduce of its sufficient statistics per
+iteration, stochastic EM from each step's batch sums; the log-likelihoods are sums and counts. Every rank
+then holds the same parameters and takes the same stopping decision; rank 0 writes the files."""
 
 from __future__ import annotations
 
@@ -14,24 +19,27 @@ from tqdm import tqdm
 
 from training import plots
 from training.common import (
+    CHECKPOINT,
     METRICS,
     bits_per_dim,
-    resolve_device,
     run_meta,
     save_checkpoint,
     seed_everything,
     write_json,
 )
-from training.data import ImageData, reload_dataset
+from training.data import ImageData
+from training.distributed import Dist, single
 from training.ppca import (
     PPCA,
     PPCAConfig,
     closed_form,
+    closed_form_from_sums,
     em_step,
     init_from_data,
     mean_log_prob,
 )
 from training.ppca_sem import SAMPLINGS, STEPS, DivergenceError, SEMSettings, StochasticEM
+from training.shards import local, reopen_dataset
 
 METHODS = ("em", "sem", "closed-form")
 # Figures for [0, 1] data are densities; bits/dim reads them as 256 levels per pixel.
@@ -72,34 +80,42 @@ def _kappa0(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}") from None
 
 
-def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
+def fit(args: argparse.Namespace, data: ImageData, out: Path, dist: Dist | None = None) -> dict:
+    dist = dist or single(args.device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
-    device = resolve_device(args.device)
-    x = torch.as_tensor(data.train, dtype=torch.float64, device=device)
+    device = dist.device
+    reduce = dist.sum if dist.enabled else None
+    x = torch.as_tensor(local(data.train, dist)[1], dtype=torch.float64, device=device)
     config = PPCAConfig(data_dim=data.data_dim, latent_dim=args.latent_dim)
     model = PPCA(config).to(device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # the same W on every rank
     history: list[float] = []
     start = time.perf_counter()
 
     if args.method == "closed-form":
-        model.set_parameters(*closed_form(x, args.latent_dim))
-        history.append(mean_log_prob(model, x, args.chunk_size))
+        model.set_parameters(*(closed_form(x, args.latent_dim) if reduce is None
+                               else closed_form_from_sums(x, args.latent_dim, reduce)))
+        history.append(mean_log_prob(model, x, args.chunk_size, reduce))
         iterations = 0
     elif args.method == "em":
-        init_from_data(model, x, generator)
-        iterations = _fit_em(model, x, args, history)
+        init_from_data(model, x, generator, reduce)
+        iterations = _fit_em(model, x, args, history, dist)
     elif args.method == "sem":
-        init_from_data(model, x, generator)
+        init_from_data(model, x, generator, reduce)
+        if dist.rank > 0:  # each rank draws its own rows and noise; rank 0 goes on with the one-process stream
+            generator = torch.Generator(device=device).manual_seed(dist.rank_seed(args.seed))
         try:
-            iterations = _fit_sem(model, x, args, history, generator)
+            iterations = _fit_sem(model, x, args, history, generator, dist)
         except DivergenceError as e:
             # The model holds the parameters from before the failed step: keep them for inspection.
             meta = run_meta(args, data, {"method": "sem", "diverged": str(e), **_sem_record(args)}, history)
-            path = save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(),
-                                   meta=meta)
+            path = out / CHECKPOINT
+            if dist.is_main:
+                save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(),
+                                meta=meta)
             raise DivergenceError(f"{e} The last good parameters are saved in {path}.", step=e.step,
                                   kappa=e.kappa) from None
     else:  # argparse restricts --method; this guards callers that build args by hand
@@ -113,33 +129,38 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
         "tol": args.tol,
         "seed": args.seed,
         "device": str(device),
+        **dist.record(),
         "seconds": seconds,
     }
     if args.method == "sem":
         settings.update(_sem_record(args))
     meta = run_meta(args, data, settings, history)
-    model = model.cpu()
-    save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.state_dict(), meta=meta)
+    if dist.is_main:
+        save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(), meta=meta)
     metrics = {
         "model": "ppca",
         "method": args.method,
         "dataset": data.summary(),
         "iterations": iterations,
         "seconds": seconds,
-        **_figures(model, data, args.chunk_size),
+        **dist.record(),
+        **_figures(model.to(device), data, args.chunk_size, dist),
     }
-    write_json(out / METRICS, metrics)
-    _plots(model, data, history, args.method, out)
+    if dist.is_main:
+        write_json(out / METRICS, metrics)
+        _plots(model.cpu(), data, history, args.method, out)
     return metrics
 
 
-def _fit_em(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: list[float]) -> int:
+def _fit_em(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: list[float], dist: Dist) -> int:
+    """EM until an iteration gains less than --tol: the log-likelihood is all-reduced, so all ranks stop together."""
+    reduce = dist.sum if dist.enabled else None
     max_iter = args.iterations or 5000
-    bar = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=args.quiet)
+    bar = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=args.quiet or not dist.is_main)
     prev = -np.inf
     for it in bar:
-        em_step(model, x, args.chunk_size)
-        ll = mean_log_prob(model, x, args.chunk_size)
+        em_step(model, x, args.chunk_size, reduce)
+        ll = mean_log_prob(model, x, args.chunk_size, reduce)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.6f}", gain=f"{ll - prev:.2e}", refresh=False)
         if ll - prev < args.tol:
@@ -160,24 +181,29 @@ def _sem_record(args: argparse.Namespace) -> dict:
 
 
 def _fit_sem(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: list[float],
-             generator: torch.Generator) -> int:
+             generator: torch.Generator, dist: Dist) -> int:
     """Epochs of N points each (whatever the batch size); the exact log-likelihood after each."""
     epochs = args.iterations or 60
-    sem = StochasticEM(model, x, _sem_settings(args), generator)
-    bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=args.quiet)
+    sem = StochasticEM(model, x, _sem_settings(args), generator, dist)
+    reduce = dist.sum if dist.enabled else None
+    bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=args.quiet or not dist.is_main)
     for _ in bar:
-        sem.advance(len(x))
-        ll = mean_log_prob(model, x, args.chunk_size)
+        sem.advance(sem.n_total)
+        ll = mean_log_prob(model, x, args.chunk_size, reduce)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.4f}", kappa=f"{sem.last_kappa:.2e}", refresh=False)
     return epochs
 
 
-def _figures(model: PPCA, data: ImageData, chunk_size: int) -> dict:
+def _figures(model: PPCA, data: ImageData, chunk_size: int, dist: Dist | None = None) -> dict:
+    """Exact log-likelihoods per split: over ranks, each rank's own rows, reduced as a sum and a count."""
+    dist = dist or Dist()
+    reduce = dist.sum if dist.enabled else None
     figures = {"log_likelihood_exact": True}
     for split in ("train", "valid", "test"):
         rows = getattr(data, split)
-        ll = mean_log_prob(model, torch.as_tensor(rows, dtype=torch.float64), chunk_size) if len(rows) else None
+        x = torch.as_tensor(local(rows, dist)[1], dtype=torch.float64, device=model.W.device)
+        ll = mean_log_prob(model, x, chunk_size, reduce) if len(rows) else None
         figures[f"{split}_log_likelihood"] = ll
         figures[f"{split}_bits_per_dim"] = (
             None if ll is None else bits_per_dim(ll, data.data_dim, discrete_bins=DISCRETE_BINS)
@@ -216,8 +242,8 @@ def evaluate(ckpt: dict, args: argparse.Namespace) -> dict:
     """Test figures of a fitted PPCA: the exact log-likelihood (no sampling involved)."""
     model = build_model(ckpt)
     meta = ckpt["meta"]
-    data = reload_dataset(meta)
-    x = torch.as_tensor(data.test, dtype=torch.float64)
+    data = reopen_dataset(meta)
+    x = torch.as_tensor(np.asarray(data.test), dtype=torch.float64)
     ll = mean_log_prob(model, x)
     return {
         "model": "ppca",
