@@ -300,11 +300,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
 
 def _real_inputs(meta: dict) -> np.ndarray | None:
     """Test rows of the model's dataset, for the parity check on real images (None if unavailable)."""
-    from training.data import reload_dataset
+    from training.shards import reopen_dataset  # a .npy / IDX file stays mapped: only the rows drawn are read
     from training.user_data import DataError
 
     try:
-        data = reload_dataset(meta)
+        data = reopen_dataset(meta)
     except (DataError, OSError, ValueError) as e:
         log.warning("parity on real inputs skipped: cannot reload dataset %r (%s)", meta.get("dataset"), e)
         return None

@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -276,7 +275,7 @@ def _plots(model: VAE, data: ImageData, history: dict[str, list[float]], kind: s
     x = model.sample(64, torch.Generator().manual_seed(0))
     plots.save_image_grid(plots.as_images(x.clamp(0, 1).numpy(), data.pixel_shape), out / "samples.png",
                           "samples: E[x | z], z ~ N(0, I)", ncols=8)
-    test = torch.as_tensor(np.asarray(data.test[:32]), dtype=torch.float32)
+    test = torch.as_tensor(data.test[:32], dtype=torch.float32)
     recon = model.reconstruct(test).clamp(0, 1)
     # rows alternate: up to 8 test images, then their reconstructions
     pairs, ncols = plots.paired_rows(plots.as_images(test.numpy(), data.pixel_shape),
