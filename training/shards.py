@@ -188,29 +188,29 @@ def open_dataset(spec: str | Path, dist: Dist, *, valid_fraction: float = 0.1, t
                  image_size: tuple[int, int] | None = None, channels: int | None = None) -> ImageData:
     """:func:`training.data.load_dataset`'s data and split, with the rows of a .npy or IDX file left in the file.
 
-    The splits are :class:`RowView` s; each rank has checked its owned rows (a collective: every rank of
-    `dist` calls this). Any other source is loaded whole, as load_dataset does.
+    The splits are then :class:`RowView` s, and each rank has checked its owned rows. Any other source is
+    loaded whole, as load_dataset does. A collective: every rank of `dist` calls it, and an error on any rank
+    (a bad row, a file missing on one host) stops them all with its message.
     """
-    check_fractions(valid_fraction, test_fraction)
-    images = None
-    if mappable(spec):
-        if channels not in (None, *CHANNELS):
-            raise DataError(f"--channels {channels}: expected 1 (grayscale) or 3 (RGB)")
-        images = MappedImages.open(Path(spec), channels)
-    if images is None:
-        return load_dataset(spec, valid_fraction=valid_fraction, test_fraction=test_fraction, image_size=image_size,
-                            channels=channels)
-    path = images.path
-    if image_size is not None:
-        _check_side(tuple(image_size), "--image-size")
-        if tuple(image_size) != images.image_shape:
-            raise DataError(f"{path}: --image-size resizes the images of a folder only; this file holds "
-                            f"{images.image_shape[0]}x{images.image_shape[1]} images (leave --image-size out, "
-                            "or resize the array)")
-    error, binary = None, True
+    error, images, data, binary = None, None, None, True
     try:
-        binary = images.check(*owned_rows(images.n, dist))
-    except DataError as e:
+        check_fractions(valid_fraction, test_fraction)
+        if mappable(spec):
+            if channels not in (None, *CHANNELS):
+                raise DataError(f"--channels {channels}: expected 1 (grayscale) or 3 (RGB)")
+            images = MappedImages.open(Path(spec), channels)
+        if images is None:
+            data = load_dataset(spec, valid_fraction=valid_fraction, test_fraction=test_fraction,
+                                image_size=image_size, channels=channels)
+        else:
+            if image_size is not None:
+                _check_side(tuple(image_size), "--image-size")
+                if tuple(image_size) != images.image_shape:
+                    raise DataError(f"{images.path}: --image-size resizes the images of a folder only; this file "
+                                    f"holds {images.image_shape[0]}x{images.image_shape[1]} images (leave "
+                                    "--image-size out, or resize the array)")
+            binary = images.check(*owned_rows(images.n, dist))
+    except (ValueError, OSError) as e:  # DataError is a ValueError
         error = e
     notes = dist.gather((None if error is None else str(error), binary))
     if error is not None:
@@ -218,9 +218,11 @@ def open_dataset(spec: str | Path, dist: Dist, *, valid_fraction: float = 0.1, t
     for rank, (message, _) in enumerate(notes):
         if message is not None:
             raise DataError(f"{message} (found by rank {rank})")
-    train, test = _random_split(images.n, test_fraction, valid_fraction, str(path))
+    if data is not None:
+        return data
+    train, test = _random_split(images.n, test_fraction, valid_fraction, str(images.path))
     train, valid = _valid_split(train, valid_fraction)
-    return ImageData(name=path.name, image_shape=images.image_shape, train=RowView(images, train),
+    return ImageData(name=images.path.name, image_shape=images.image_shape, train=RowView(images, train),
                      valid=RowView(images, valid), test=RowView(images, test),
                      binary=all(b for _, b in notes), channels=images.n_channels)
 

@@ -27,6 +27,7 @@ from training.data import digits_raw, load_dataset
 from training.distributed import Dist
 from training.ppca import PPCA, PPCAConfig, closed_form, mean_log_prob
 from training.user_data import DataError
+from training.vae_epoch import GlobalBatches
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 300  # s: a launch on a busy 2-core machine; the fits themselves take a few seconds
@@ -86,6 +87,31 @@ def test_shares_of_rows_in_memory_cover_every_row_once():
             assert max(len(p) for p, _ in parts) - min(len(p) for p, _ in parts) <= 1
 
 
+@pytest.mark.parametrize("n, batch, world", [(10, 4, 2), (11, 4, 2), (1294, 100, 2), (101, 9, 3), (7, 8, 4)])
+def test_the_ranks_rows_of_each_global_step_are_the_one_process_batch(n, batch, world):
+    """DistributedSampler deals each step's rows; together they are one process's batch (same seed), in the same
+    places of the global batch, with the sampler's padding copies left out."""
+    one = GlobalBatches(n, batch, Dist(), seed=3)
+    ranks = [GlobalBatches(n, batch, Dist(rank=r, world_size=world), seed=3) for r in range(world)]
+    assert one.steps_per_epoch == ranks[0].steps_per_epoch == -(-n // batch)
+    for epoch in (1, 2):
+        for steps in zip(one.epoch(epoch), *(b.epoch(epoch) for b in ranks), strict=True):
+            (n_step, rows, places), parts = steps[0], steps[1:]
+            assert all(p[0] == n_step == len(rows) for p in parts)
+            assert torch.equal(places, torch.arange(n_step))
+            got = torch.full((n_step,), -1)
+            for _, r_rows, r_places in parts:
+                assert (got[r_places] == -1).all()  # no place twice
+                got[r_places] = r_rows
+            assert torch.equal(got, rows)
+    assert not torch.equal(next(one.epoch(1))[1], next(one.epoch(2))[1])  # set_epoch reshuffles
+
+
+def test_the_global_batch_must_split_evenly_over_the_ranks():
+    with pytest.raises(ValueError, match="--batch-size 101 is the global batch of all 2 ranks"):
+        GlobalBatches(1000, 101, Dist(rank=0, world_size=2), seed=0)
+
+
 def test_a_rank_maps_and_reads_only_its_own_rows_of_the_file(tmp_path, monkeypatch):
     """Rank 1 of 2 opens a float file whose rank-0 rows are NaN: reading any of them would raise (checked
     below), and every memory map it makes lies inside its own rows' bytes. Pixel 0 of file row i is i / N,
@@ -125,6 +151,21 @@ def test_a_rank_maps_and_reads_only_its_own_rows_of_the_file(tmp_path, monkeypat
                         for off, size in maps), maps
     with pytest.raises(DataError, match="NaN"):  # the poison is real: the other rank's rows cannot be read
         data.train.images.read([0])
+
+
+def test_a_bad_row_in_another_ranks_rows_stops_this_rank_with_its_message(tmp_path, monkeypatch, digits_npy):
+    """Rank 0's rows are fine; the notes gathered from the ranks say rank 1 found a NaN: rank 0 stops too."""
+    theirs = f"{digits_npy}: the array holds NaN or infinite values (expected floats in [0, 1])"
+    monkeypatch.setattr(Dist, "gather", lambda self, note: [note, (theirs, False)])
+    with pytest.raises(DataError, match=r"holds NaN .* \(found by rank 1\)"):
+        shards.open_dataset(digits_npy, Dist(rank=0, world_size=2))
+    # Binary data only if every rank's rows are 0 or 1.
+    binary = tmp_path / "binary.npy"
+    np.save(binary, (np.load(digits_npy) > 127).astype(np.uint8) * 255)
+    for theirs_binary in (True, False):
+        monkeypatch.setattr(Dist, "gather", lambda self, note, b=theirs_binary: [note, (None, b)])
+        data = shards.open_dataset(binary, Dist(rank=0, world_size=2))
+        assert data.binary is theirs_binary and isinstance(data.train, shards.RowView)
 
 
 # ------------------------------------------------------------------------------------------------
