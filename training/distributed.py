@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# How long a rank waits in a collective for the others before the job stops. Every rank reaches each
-# collective within one epoch's work; rank 0 writes the checkpoint between two, in seconds.
+# How long a rank waits in a collective for the others before the job stops. Between two collectives
+# the ranks do equal shares of work (a step, a share of an evaluation or of the data check), so a wait is
+# their imbalance, or rank 0 writing the checkpoint: far below this on a healthy job.
 DEFAULT_TIMEOUT_S = 600.0
 # Per-rank seeds for randomness that must differ between ranks (their own evaluation noise, their own
 # stochastic-EM draws): rank r uses seed + SEED_STRIDE * r, so rank 0 keeps the one-process stream.
