@@ -152,6 +152,37 @@ def test_a_rank_maps_and_reads_only_its_own_rows_of_the_file(tmp_path, monkeypat
         data.train.images.read([0])
 
 
+def _write_idx(path: Path, x: np.ndarray) -> None:
+    """An MNIST-style IDX file of unsigned bytes (type code 0x08)."""
+    path.write_bytes(bytes([0, 0, 0x08, x.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in x.shape) + x.tobytes())
+
+
+@pytest.mark.parametrize("kind", ["idx", "flat npy", "colour npy as gray", "colour npy"])
+def test_mapped_rows_equal_the_whole_file_loader(tmp_path, monkeypatch, kind):
+    """Each split read through the map (all ranks' shares put together) is load_dataset's split of the same file."""
+    monkeypatch.setattr(Dist, "gather", lambda self, note: [note] * self.world_size)  # no rank finds a bad row
+    rng = np.random.default_rng(1)
+    if kind == "idx":
+        path, channels = tmp_path / "images-idx3-ubyte", None
+        _write_idx(path, rng.integers(0, 256, (103, 9, 10), dtype=np.uint8))
+    elif kind == "flat npy":
+        path, channels = tmp_path / "flat.npy", None
+        np.save(path, rng.random((103, 81)))
+    else:
+        path, channels = tmp_path / "rgb.npy", (1 if kind == "colour npy as gray" else None)
+        np.save(path, rng.integers(0, 256, (103, 8, 11, 3), dtype=np.uint8))
+    whole = load_dataset(path, channels=channels)
+    assert shards.mappable(path)
+    for world in (1, 3):
+        parts = [shards.open_dataset(path, Dist(rank=r, world_size=world), channels=channels) for r in range(world)]
+        assert parts[0].summary() == whole.summary()
+        for split in ("train", "valid", "test"):
+            got = [shards.local(getattr(part, split), Dist(rank=r, world_size=world)) for r, part in enumerate(parts)]
+            positions = np.concatenate([pos for pos, _ in got])
+            assert sorted(positions) == list(range(len(getattr(whole, split))))  # every row once
+            assert np.array_equal(np.concatenate([rows for _, rows in got]), getattr(whole, split)[positions])
+
+
 def test_a_bad_row_in_another_ranks_rows_stops_this_rank_with_its_message(tmp_path, monkeypatch, digits_npy):
     """Rank 0's rows are fine; the notes gathered from the ranks say rank 1 found a NaN: rank 0 stops too."""
     theirs = f"{digits_npy}: the array holds NaN or infinite values (expected floats in [0, 1])"
