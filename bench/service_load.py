@@ -156,6 +156,8 @@ def _load_wrk(port: int, png: bytes, clients: int, seconds: float, workdir: Path
     out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s",
                           str(workdir / "post.lua"), url], check=True, capture_output=True, text=True).stdout
     pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    if set(pct) != {"50", "99"}:
+        raise RuntimeError(f"wrk printed no latency distribution for {clients} clients on {url}:\n{out}")
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": _wrk_units(pct["50"]),
