@@ -40,8 +40,8 @@ if [ ! -f "$RUN_DIR/checkpoint.pt" ]; then
     echo "train.sh: pod $NODE_INDEX: fit done; another pod holds rank 0 and publishes $MODEL_NAME"
     exit 0
 fi
-staging="$MODELS_DIR/.$MODEL_NAME.staging-$RDZV_ID"
-previous="$MODELS_DIR/.$MODEL_NAME.previous-$RDZV_ID"
+staging="$MODELS_DIR/.$MODEL_NAME.staging-$RDZV_ID-$NODE_INDEX"
+previous="$MODELS_DIR/.$MODEL_NAME.previous-$RDZV_ID-$NODE_INDEX"
 rm -rf "$staging" "$previous"
 python -m training export "$RUN_DIR" --out "$staging" --name "$MODEL_NAME"
 # rename(2) cannot replace a non-empty folder: the old one steps aside first, for the instant between two renames.
