@@ -45,9 +45,10 @@ previous="$MODELS_DIR/.$MODEL_NAME.previous-$RDZV_ID-$NODE_INDEX"
 rm -rf "$staging" "$previous"
 python -m training export "$RUN_DIR" --out "$staging" --name "$MODEL_NAME"
 # rename(2) cannot replace a non-empty folder: the old one steps aside first, for the instant between two renames.
+# -T: a folder that appeared in that instant makes the rename fail, rather than receive ours inside it.
 if [ -e "$MODELS_DIR/$MODEL_NAME" ]; then
-    mv "$MODELS_DIR/$MODEL_NAME" "$previous"
+    mv -T "$MODELS_DIR/$MODEL_NAME" "$previous"
 fi
-mv "$staging" "$MODELS_DIR/$MODEL_NAME"
+mv -T "$staging" "$MODELS_DIR/$MODEL_NAME"
 rm -rf "$previous"
 echo "train.sh: pod $NODE_INDEX: published $MODELS_DIR/$MODEL_NAME"
