@@ -14,9 +14,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from service.oip.errors import OIPErrorMiddleware
-from service.oip.routes import routes
+from service.oip.routes import infer_routes, routes
 
 
 def install(app: FastAPI) -> None:
+    app.router.routes[:0] = infer_routes  # first: see service/oip/routes.py
     app.router.routes.extend(routes)
     app.add_middleware(OIPErrorMiddleware)

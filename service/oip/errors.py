@@ -11,8 +11,9 @@ members stay beside it. Other paths pass through untouched.
 from __future__ import annotations
 
 import orjson
+from starlette.responses import Response
 
-from service.errors import PROBLEM_MEDIA_TYPE
+from service.errors import PROBLEM_MEDIA_TYPE, ProblemError, problem_body
 
 _PROBLEM = PROBLEM_MEDIA_TYPE.encode()
 
@@ -31,6 +32,13 @@ def oip_error_body(problem: bytes) -> bytes:
         return orjson.dumps({"error": problem.decode("utf-8", "replace")})
     detail = content.get("detail") or content.get("title") or "error"
     return orjson.dumps({"error": str(detail), **content})
+
+
+def error_response(e: ProblemError) -> Response:
+    """`e` answered in the protocol's form directly (the routes that catch their own errors)."""
+    body = problem_body(e.status, e.title, e.detail, e.slug, **e.extra)
+    return Response(orjson.dumps({"error": e.detail, **body}), status_code=e.status, media_type="application/json",
+                    headers=e.headers)
 
 
 class OIPErrorMiddleware:

@@ -5,14 +5,21 @@ request, and no entry in the service's OpenAPI schema, whose errors are problem+
 Open Inference Protocol's own specification instead. Errors raised here are ProblemErrors like everywhere
 else; service/oip/errors.py gives them the protocol's form on the way out.
 
+The infer routes are plain ASGI apps (`InferEndpoint`) placed first among the app's routes: matching the
+dozen routes before them, and Starlette's request/response wrapper with its exception layer, cost about a
+fifth of an OIP request's time on the event loop (docs/benchmarks.md); a native request pays two failed
+path matches for it.
+
 Inference runs through the same admission budget and micro-batcher as the native endpoints
 (service/inference.py): an OIP request and a native one to the same graph merge into one ONNX Runtime call.
 """
 
 from __future__ import annotations
 
+import logging
+
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -21,9 +28,11 @@ from service import postprocess as post
 from service.errors import ProblemError
 from service.inputs import INLINE_JSON_BYTES, offload
 from service.oip import models, tensors
+from service.oip.errors import error_response
 from service.runtime import Runtime
 from service.settings import Settings
 
+log = logging.getLogger("service.oip")
 SERVER_NAME = "latentserve"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
@@ -132,11 +141,29 @@ async def _bound(request: Request, graph: models.Graph, req: tensors.InferReques
     return await infer.admit(request, graph.model, cost, lambda: runner.run(req.inputs, cost=cost, post=pick))
 
 
+class InferEndpoint:
+    """model_infer as an ASGI app; its errors answered here, in the protocol's form."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            response = await model_infer(Request(scope, receive))
+        except ProblemError as e:
+            response = error_response(e)
+        except ClientDisconnect:  # nobody reads the answer (as service/errors.py answers it)
+            response = Response(status_code=499)
+        except Exception:  # noqa: BLE001 - a bug: logged with its trace, answered 500 in the protocol's form
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            response = error_response(ProblemError(500, "Internal Server Error", "an unexpected error occurred; it "
+                                                   "has been logged", slug="internal-error"))
+        await response(scope, receive, send)
+
+
 def _model_routes(suffix: str, endpoint, methods: list[str]) -> list[Route]:
     return [Route(f"/v2/models/{{name}}{suffix}", endpoint, methods=methods),
             Route(f"/v2/models/{{name}}/versions/{{version}}{suffix}", endpoint, methods=methods)]
 
 
+infer_routes = _model_routes("/infer", InferEndpoint(), ["POST"])
 routes = [
     Route("/v2", server_metadata, methods=["GET"]),
     Route("/v2/health/live", live, methods=["GET"]),
@@ -144,5 +171,4 @@ routes = [
     Route("/v2/repository/index", repository_index, methods=["POST"]),
     *_model_routes("", model_metadata, ["GET"]),
     *_model_routes("/ready", model_ready, ["GET"]),
-    *_model_routes("/infer", model_infer, ["POST"]),
 ]
