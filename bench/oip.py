@@ -7,8 +7,9 @@ Every round starts, in turn: KServe 0.21's ModelServer (a custom kserve.Model wr
 scripts/setup-venv kserve`) and `python -m service`. Both get the same OIP JSON request: one real MNIST test image
 (mnist5k, row 0) as 784 FP32 numbers, to `/v2/models/vae-mnist.encoder/infer`. latentserve also gets the same
 image as binary tensor data (the binary tensor data extension, binary outputs) and as native JSON on /encode.
-1, 8 and 64 clients under wrk (bench/service_load.py's runner), `--seconds` each, `--repeats` rounds: ratios are
-taken within a round (the machine's speed drifts). Also each server's resident memory (its processes together).
+1, 8 and 64 clients under wrk (bench/service_load.py's runner), `--seconds` each, `--repeats` rounds; both servers
+run at once and the cells of one concurrency follow each other, so that ratios are taken seconds apart (the
+machine's speed drifts). Also each server's resident memory (its processes together).
 Records its section in docs/benchmarks.md.
 """
 
@@ -171,20 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     rss: dict[str, float] = {}
     workdir = Path(tempfile.mkdtemp(prefix="latentserve-oip-"))
     for round_ in range(1, args.repeats + 1):
-        for server, kind in SERVERS:
-            proc, port = _start(kind, args)
-            try:
-                _check_answer(port, bodies, reference)
-                for req in (r for s, _, r in CELLS if s == server):
+        # Both servers up at once (the idle one costs nothing), the cells compared run seconds apart: on a shared
+        # machine whose speed drifts within minutes, that keeps each ratio within one stretch of the drift.
+        procs: dict[str, tuple[subprocess.Popen, int]] = {}
+        try:
+            for server, kind in SERVERS:
+                procs[server] = _start(kind, args)
+                _check_answer(procs[server][1], bodies, reference)
+            for c in args.clients:
+                for server, _, req in CELLS:
                     path, body, headers = bodies[req]
-                    for c in args.clients:
-                        res = wrk_post(f"http://127.0.0.1:{port}{path}", body, headers, c, args.seconds, workdir)
-                        rows[(server, req, c)].append(res)
-                        print(f"round {round_}/{args.repeats} {server:18s} {req:20s} c={c:3d} {res['rps']:8.1f} "
-                              f"req/s  p50 {res['p50']:7.2f} ms  p99 {res['p99']:7.2f} ms  n={res['n']} "
-                              f"errors={res['errors']}", flush=True)
+                    res = wrk_post(f"http://127.0.0.1:{procs[server][1]}{path}", body, headers, c, args.seconds,
+                                   workdir)
+                    rows[(server, req, c)].append(res)
+                    print(f"round {round_}/{args.repeats} {server:18s} {req:20s} c={c:3d} {res['rps']:8.1f} "
+                          f"req/s  p50 {res['p50']:7.2f} ms  p99 {res['p99']:7.2f} ms  n={res['n']} "
+                          f"errors={res['errors']}", flush=True)
+            for server, (proc, _) in procs.items():
                 rss[server] = max(rss.get(server, 0.0), _rss_mb(proc.pid))
-            finally:
+        finally:
+            for proc, _ in procs.values():
                 os.killpg(proc.pid, 15)
                 proc.wait(timeout=60)
     from bench.report import publish
@@ -197,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 def _report(rows: dict, rss: dict[str, float], args) -> str:
     lines = [f"One real MNIST test image (mnist5k row 0) as 784 FP32 numbers, the same OIP JSON request to both "
              f"servers; wrk (1 thread) on the same machine, {args.seconds:g} s per cell, {args.repeats} round(s), "
-             "each starting both servers in turn. KServe 0.21 ModelServer: a kserve.Model wrapping an ONNX Runtime "
+             "each starting both servers and running the cells of each concurrency one after the other. "
+             "KServe 0.21 ModelServer: a kserve.Model wrapping an ONNX Runtime "
              "session on encoder.onnx (one worker, one intra-op thread, no log line per request). latentserve: "
              "`python -m service` with its defaults (vae-mnist's encoder among the three default models). Cells: "
              "median over rounds (req/s: and the range).", "",

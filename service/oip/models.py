@@ -30,7 +30,10 @@ def spec_of(runner: GraphRunner) -> GraphSpec:
 
 
 def version_of(model: LoadedModel) -> str:
-    return str(model.card.raw.get("version", 1))
+    """The card's `version` (a positive integer or a non-empty string without '/'), else 1."""
+    v = model.card.raw.get("version")
+    ok = (type(v) is int and v > 0) or (isinstance(v, str) and v and "/" not in v and len(v) <= 64)
+    return str(v) if ok else "1"
 
 
 @dataclass(frozen=True)

@@ -257,3 +257,19 @@ def test_oip_and_native_requests_merge_into_one_call_bit_identical(model_repo, n
     unbatched, _ = run_async(settings_for(model_repo, batching=False), go)
     assert batched == unbatched
     assert any({"pick", "post"} <= set(c) for c in calls), calls  # an OIP item and a native one in one call
+
+
+def test_busy_answers_429_in_the_protocols_form_with_retry_after(model_repo):
+    settings = settings_for(model_repo, batching=True, max_batch_size=1, max_queue_size=1, max_queue_delay_ms=0,
+                            inference_workers=1)
+    body = orjson.dumps({"inputs": [X1]})
+
+    async def go(c, app):
+        return await asyncio.gather(*(c.post("/v2/models/ppca-digits.encoder/infer", content=body)
+                                      for _ in range(30)))
+
+    rs = run_async(settings, go)
+    assert {r.status_code for r in rs} == {200, 429}
+    busy = next(r for r in rs if r.status_code == 429)
+    assert busy.headers["retry-after"] == "1"
+    _oip_error(busy, 429, "retry")
