@@ -97,19 +97,42 @@ def _start(kind: str, args) -> tuple[subprocess.Popen, int]:
     raise RuntimeError(f"{kind} did not start")
 
 
-def _rss_mb(pid: int) -> float:
-    """Resident memory of the process and its descendants (KServe may fork), in MB."""
-    total, todo = 0.0, [pid]
+def _tree(pid: int) -> list[int]:
+    """The process and its descendants (KServe may fork)."""
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             continue
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of the process and its descendants, in MB."""
+    total = 0.0
+    for p in _tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the process and its descendants so far (every thread)."""
+    total = 0.0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -182,12 +205,13 @@ def main(argv: list[str] | None = None) -> int:
             for c in args.clients:
                 for server, _, req in CELLS:
                     path, body, headers = bodies[req]
-                    res = wrk_post(f"http://127.0.0.1:{procs[server][1]}{path}", body, headers, c, args.seconds,
-                                   workdir)
+                    proc, port = procs[server]
+                    res = wrk_post(f"http://127.0.0.1:{port}{path}", body, headers, c, args.seconds, workdir,
+                                   cpu_seconds=lambda pid=proc.pid: _cpu_seconds(pid))
                     rows[(server, req, c)].append(res)
                     print(f"round {round_}/{args.repeats} {server:18s} {req:20s} c={c:3d} {res['rps']:8.1f} "
-                          f"req/s  p50 {res['p50']:7.2f} ms  p99 {res['p99']:7.2f} ms  n={res['n']} "
-                          f"errors={res['errors']}", flush=True)
+                          f"req/s  p50 {res['p50']:7.2f} ms  p99 {res['p99']:7.2f} ms  "
+                          f"cpu {res['cpu_us']:5.0f} us/req  n={res['n']} errors={res['errors']}", flush=True)
             for server, (proc, _) in procs.items():
                 rss[server] = max(rss.get(server, 0.0), _rss_mb(proc.pid))
         finally:
@@ -208,9 +232,11 @@ def _report(rows: dict, rss: dict[str, float], args) -> str:
              "KServe 0.21 ModelServer: a kserve.Model wrapping an ONNX Runtime "
              "session on encoder.onnx (one worker, one intra-op thread, no log line per request). latentserve: "
              "`python -m service` with its defaults (vae-mnist's encoder among the three default models). Cells: "
-             "median over rounds (req/s: and the range).", "",
-             "| server | request | clients | req/s | p50 ms | p99 ms | requests | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "median over rounds (req/s: and the range). Server CPU: user + system time of the server's processes "
+             "(every thread) during the cell, per answered request: what a request costs, less sensitive than req/s to "
+             "other work on a shared machine.", "",
+             "| server | request | clients | req/s | p50 ms | p99 ms | server CPU us/request | requests | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for server, _, req in CELLS:
         for c in args.clients:
             runs = rows[(server, req, c)]
@@ -218,11 +244,12 @@ def _report(rows: dict, rss: dict[str, float], args) -> str:
             spread = f" ({min(rps):.0f}-{max(rps):.0f})" if len(runs) > 1 else ""
             lines.append(f"| {server} | {req} | {c} | {_median(rps):.0f}{spread} | "
                          f"{_median([r['p50'] for r in runs]):.1f} | {_median([r['p99'] for r in runs]):.1f} | "
-                         f"{sum(r['n'] for r in runs)} | {sum(r['errors'] for r in runs)} |")
+                         f"{_median([r['cpu_us'] for r in runs]):.0f} | {sum(r['n'] for r in runs)} | "
+                         f"{sum(r['errors'] for r in runs)} |")
     c = max(args.clients)
 
-    def ratio(a, b):
-        xs = [p["rps"] / q["rps"] for p, q in zip(rows[a], rows[b], strict=True)]
+    def ratio(a, b, key="rps"):
+        xs = [(p[key] / q[key]) ** (1 if key == "rps" else -1) for p, q in zip(rows[a], rows[b], strict=True)]
         return f"{_median(xs):.2f}x" + (f" (rounds: {', '.join(f'{v:.2f}' for v in xs)})" if len(xs) > 1 else "")
 
     p99 = [r["p99"] for r in rows[("latentserve", "OIP JSON", c)]]
@@ -234,8 +261,12 @@ def _report(rows: dict, rss: dict[str, float], args) -> str:
               f"{ratio(('latentserve', 'OIP JSON', c), ('KServe ModelServer', 'OIP JSON', c))} | >= 2.5x |",
               f"| latentserve OIP JSON p99 | {_median(p99):.1f} ms (rounds: {', '.join(f'{v:.1f}' for v in p99)}) "
               "| <= 40 ms |",
+              f"| the same in server CPU per request (KServe's / latentserve's) | "
+              f"{ratio(('latentserve', 'OIP JSON', c), ('KServe ModelServer', 'OIP JSON', c), 'cpu_us')} | - |",
               f"| OIP binary / OIP JSON req/s (latentserve) | "
               f"{ratio(('latentserve', 'OIP binary', c), ('latentserve', 'OIP JSON', c))} | >= 1.3x |",
+              f"| the same in server CPU per request (JSON's / binary's) | "
+              f"{ratio(('latentserve', 'OIP binary', c), ('latentserve', 'OIP JSON', c), 'cpu_us')} | - |",
               f"| OIP JSON / native JSON /encode req/s (latentserve; no goal) | "
               f"{ratio(('latentserve', 'OIP JSON', c), ('latentserve', 'native JSON /encode', c))} | - |"]
     return "\n".join(lines)

@@ -137,7 +137,8 @@ def read_request(payload: dict, binary: memoryview, spec: GraphSpec, name: str, 
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
             raise bad(f"inputs[{i}] must be an object with name, shape, datatype and data")
-        t = wanted.get(tensor.get("name"))  # type: ignore[arg-type]
+        given = tensor.get("name")
+        t = wanted.get(given) if isinstance(given, str) else None
         if t is None:
             raise bad(f"inputs[{i}]: unexpected input {str(tensor.get('name'))[:100]!r} for model {name}; it takes "
                       + ", ".join(s.describe() for s in spec.inputs))
@@ -175,6 +176,8 @@ def _tensor(tensor: dict, t: TensorSpec, binary: memoryview, offset: int, model:
             or any(want != -1 and got != want for got, want in zip(shape, t.shape, strict=True))):
         raise bad(f"input {t.name!r} has shape {str(shape)[:100]}; model {model} expects {list(t.shape)} "
                   "(-1: any size)")
+    if 0 in shape:
+        raise bad(f"input {t.name!r} has shape {shape}; every axis needs at least 1 element")
     count = math.prod(shape)
     params = tensor.get("parameters") or {}
     if not isinstance(params, dict):
@@ -224,7 +227,7 @@ def _check_values(a: np.ndarray, name: str, max_latent_abs: float) -> None:
 
 def _requested(payload: dict, params: dict | None, spec: GraphSpec, model: str) -> list[tuple[str, bool]]:
     """(name, binary) of the outputs to answer: those requested, in that order, else all of the graph's."""
-    binary_default = bool((params or {}).get("binary_data_output", False))
+    binary_default = (params or {}).get("binary_data_output") is True
     requested = payload.get("outputs")
     if requested is None:
         return [(t.name, binary_default) for t in spec.outputs]
@@ -233,7 +236,7 @@ def _requested(payload: dict, params: dict | None, spec: GraphSpec, model: str) 
     names = {t.name for t in spec.outputs}
     out: list[tuple[str, bool]] = []
     for i, o in enumerate(requested):
-        if not isinstance(o, dict) or o.get("name") not in names:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str) or o["name"] not in names:
             got = o.get("name") if isinstance(o, dict) else o
             raise bad(f"outputs[{i}]: unknown output {str(got)[:100]!r} of model {model}; it has "
                       + ", ".join(t.describe() for t in spec.outputs))
@@ -242,7 +245,8 @@ def _requested(payload: dict, params: dict | None, spec: GraphSpec, model: str) 
         p = o.get("parameters") or {}
         if not isinstance(p, dict):
             raise bad(f"outputs[{i}]: 'parameters' must be an object")
-        out.append((o["name"], bool(p.get("binary_data", binary_default))))
+        binary = p.get("binary_data", binary_default)
+        out.append((o["name"], binary is True))
     return out
 
 
