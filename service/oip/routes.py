@@ -6,9 +6,9 @@ Open Inference Protocol's own specification instead. Errors raised here are Prob
 else; service/oip/errors.py gives them the protocol's form on the way out.
 
 The infer routes are plain ASGI apps (`InferEndpoint`) placed first among the app's routes: matching the
-dozen routes before them, and Starlette's request/response wrapper with its exception layer, cost about a
-fifth of an OIP request's time on the event loop (docs/benchmarks.md); a native request pays two failed
-path matches for it.
+dozen routes before them, and Starlette's request/response wrapper with its exception layer, were a large
+share of an OIP request's time on the event loop (py-spy); a native request pays two failed path matches
+for it.
 
 Inference runs through the same admission budget and micro-batcher as the native endpoints
 (service/inference.py): an OIP request and a native one to the same graph merge into one ONNX Runtime call.
