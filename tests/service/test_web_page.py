@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import shutil
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -23,19 +20,12 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 from svc_helpers import image_bytes, start_server  # noqa: E402
 
-
-def _chromium() -> str | None:
-    # Debian's /usr/bin/chromium is a wrapper script around this binary
-    for path in (os.environ.get("LATENTSERVE_TEST_CHROMIUM"), "/usr/lib/chromium/chromium",
-                 shutil.which("chromium"), shutil.which("chromium-browser")):
-        if path and Path(path).is_file():
-            return path
-    return None
+from bench.web import chromium_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args):
-    path = _chromium()
+    path = chromium_path()
     if path is None:
         pytest.skip("no chromium to drive: install Debian's package (apt-get install chromium; scripts/test does "
                     "it in CI) or set LATENTSERVE_TEST_CHROMIUM to a Chromium binary")

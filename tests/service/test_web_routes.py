@@ -32,6 +32,9 @@ def test_every_page_and_asset_is_served_under_a_csp_without_inline_scripts(clien
     assert "unsafe-inline" not in _csp(client.get("/"))["style-src"]
     assert "unsafe-inline" not in _csp(client.get("/docs"))["style-src"]
     assert client.head("/").status_code == 200
+    etag = client.get("/ui/main.js").headers["etag"]
+    again = client.get("/ui/main.js", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
 
 
 @pytest.mark.parametrize("path", ["/", "/docs", "/redoc"])

@@ -98,8 +98,8 @@ function describe(m) {
   return parts.join(" · ");
 }
 
-async function loadModels() {
-  const answer = await api.models();
+async function loadModels(early) {
+  const answer = await api.models(early);
   state.models = answer.models;
   const select = $("model");
   select.replaceChildren(...answer.models.map((m) => {
@@ -410,4 +410,4 @@ function wire() {
 }
 
 wire();
-guarded(loadModels);
+guarded(() => loadModels(window.latentserveModels));
