@@ -92,13 +92,18 @@ def stroke(page, points, pause_ms: float = 10) -> None:
     page.mouse.up()
 
 
-def digit_three(n: int = 30) -> list[list[tuple[float, float]]]:
-    """A '3': two arcs, open to the left (pad fractions, inside the central MNIST box)."""
-    arcs = []
-    for cy in (0.36, 0.62):
-        arcs.append([(0.5 + 0.16 * math.sin(t), cy - 0.13 * math.cos(t))
-                     for t in (-0.6 * math.pi + 1.6 * math.pi * i / (n - 1) for i in range(n))])
-    return [arcs[0] + arcs[1]]
+def digit_three(n: int = 30) -> list[tuple[float, float]]:
+    """A '3' in one stroke (pad fractions, inside the central MNIST box): two arcs open to the left, the first
+    from its upper left over the top to its bottom, where the second starts and runs to its lower left; angle
+    t from the top, clockwise."""
+    r = 0.13
+    top = [(0.5 + r * math.sin(t), 0.36 - r * math.cos(t)) for t in _spaced(-0.35 * math.pi, math.pi, n)]
+    bottom = [(0.5 + r * math.sin(t), 0.62 - r * math.cos(t)) for t in _spaced(0.0, 1.35 * math.pi, n)]
+    return top + bottom[1:]
+
+
+def _spaced(a: float, b: float, n: int) -> list[float]:
+    return [a + (b - a) * i / (n - 1) for i in range(n)]
 
 
 def vertical(i: int, n: int = 30) -> list[tuple[float, float]]:
@@ -143,8 +148,7 @@ def screenshots(browser, url: str, folder: Path) -> None:
     page = context.new_page()
     page.goto(url + "/")
     wait_count(page, "sample-grid", 1)
-    for points in digit_three():
-        stroke(page, points, pause_ms=5)
+    stroke(page, digit_three(), pause_ms=5)
     page.wait_for_function("() => document.body.dataset.busy === '0' && document.body.dataset.evaluated")
     page.click("#b-input")
     page.wait_for_timeout(500)
@@ -158,6 +162,8 @@ def screenshots(browser, url: str, folder: Path) -> None:
     page = phone.new_page()
     page.goto(url + "/")
     wait_count(page, "sample-grid", 1)
+    stroke(page, digit_three(), pause_ms=5)
+    page.wait_for_function("() => document.body.dataset.busy === '0' && document.body.dataset.evaluated")
     page.screenshot(path=str(folder / "web_phone.png"))
     phone.close()
 
@@ -172,7 +178,8 @@ def summary(rounds: list[dict], models: list[str]) -> str:
         rows.append([what, len(values), f"{statistics.median(values):.0f}", f"{p90:.0f}", f"{max(values):.0f}",
                      f"<= {goal:.0f}", "met" if statistics.median(values) <= goal else "missed"])
 
-    row("page load to interactive (fresh context)", "interactive", [v for r in rounds for v in r["page"]["interactive"]])
+    row("page load to interactive (fresh context)", "interactive",
+        [v for r in rounds for v in r["page"]["interactive"]])
     for model in models:
         row(f"end of stroke to reconstruction + bound, {model}", "stroke-result",
             [v for r in rounds for v in r[model]["stroke-result"]])
