@@ -123,3 +123,17 @@ def test_preprocess_is_documented_and_answers_as_documented(client):
     r = client.post("/preprocess?model=ppca-digits", files={"images": ("c.png", buf.getvalue())})
     assert r.status_code == 200 and r.json()["results"][0]["original_shape"] == [7, 5]
     assert set(r.json()) == set(spec["components"]["schemas"]["PreprocessResponse"]["properties"])
+
+
+def test_the_installed_package_carries_every_file_of_the_page():
+    """pyproject.toml's package-data globs cover service/web/ (a wheel, and so the Docker image, holds no file
+    they miss)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
+    service = root / "service"
+    files = {p for p in (service / "web").rglob("*") if p.is_file()}
+    covered = {p for g in globs for p in service.glob(g) if p.is_file()}
+    assert files and files == covered, sorted(str(p) for p in files - covered)
