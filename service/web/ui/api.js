@@ -56,11 +56,6 @@ async function call(path, { method = "GET", params, json, form, signal } = {}) {
     if (e.name === "AbortError") throw e;
     throw new ApiError(0, "Network error", `the service could not be reached (${e.message})`);
   }
-  return read(response);
-}
-
-// A response's JSON, or its problem+json as an ApiError.
-async function read(response) {
   if (!response.ok) {
     let problem = null;
     try {
@@ -75,11 +70,7 @@ async function read(response) {
 }
 
 export const api = {
-  // `early`: a fetch of GET /models already under way (ui/boot.js), used when it got an answer
-  async models(early) {
-    const response = await early;
-    return response ? read(response) : call("models");
-  },
+  models: (signal) => call("models", { signal }),
 
   // The pixels the model sees for one image file (or a drawing as PNG): H x W (x 3), binarized for
   // Bernoulli models as /log-likelihood evaluates them.

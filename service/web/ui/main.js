@@ -98,8 +98,8 @@ function describe(m) {
   return parts.join(" · ");
 }
 
-async function loadModels(early) {
-  const answer = await api.models(early);
+async function loadModels() {
+  const answer = await api.models();
   state.models = answer.models;
   const select = $("model");
   select.replaceChildren(...answer.models.map((m) => {
@@ -412,4 +412,4 @@ function wire() {
 }
 
 wire();
-guarded(() => loadModels(window.latentserveModels));
+guarded(loadModels);
