@@ -10,12 +10,11 @@ start Swagger UI and ReDoc, which FastAPI's pages do inline).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import fastapi_offline
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
 from service import preprocess
@@ -41,41 +40,39 @@ HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"
            "Cache-Control": "no-cache"}
 
 
-def _file(path: Path, csp: str):
-    """A handler that answers `path`'s bytes, read now, from memory. The page's files are a few tens of kB;
-    answered this way each costs no thread hop (FileResponse makes several per file, which wait when the CPUs
-    are busy). The ETag lets the browser revalidate them (Cache-Control: no-cache)."""
-    body = path.read_bytes()
-    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-    media_type = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}[path.suffix]
-    headers = {**HEADERS, "Content-Security-Policy": csp, "ETag": etag}
+class _Assets(StaticFiles):
+    """StaticFiles with the page's security headers on every answer."""
 
-    async def handler(request: Request) -> Response:
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        return Response(body, media_type=media_type, headers=headers)
-
-    return handler
-
-
-class _VendorFiles(StaticFiles):
-    """Swagger UI's and ReDoc's files (megabytes, read by the docs pages only), with the security headers."""
+    def __init__(self, directory: Path, csp: str):
+        super().__init__(directory=directory)
+        self.headers = {**HEADERS, "Content-Security-Policy": csp}
 
     def file_response(self, *args, **kwargs):
         response = super().file_response(*args, **kwargs)
-        response.headers.update({**HEADERS, "Content-Security-Policy": PAGE_CSP})
+        response.headers.update(self.headers)
         return response
 
 
+def _page(name: str, csp: str):
+    path = WEB_DIR / name
+    headers = {**HEADERS, "Content-Security-Policy": csp}
+
+    async def page() -> FileResponse:
+        return FileResponse(path, media_type="text/html; charset=utf-8", headers=headers)
+
+    page.__name__ = f"page_{path.stem}"
+    return page
+
+
 def install(app: FastAPI, resolve_model) -> None:
-    """Add the pages, their files, the docs' files and POST /preprocess (the pixels the model sees) to `app`.
+    """Add the page, its assets, the docs and POST /preprocess (the pixels the model sees) to `app`.
 
     `app` must be built with docs_url=None and redoc_url=None: these /docs and /redoc replace FastAPI's.
     """
     preprocess.add_route(app, resolve_model)
-    for path, name, csp in (("/", "index.html", PAGE_CSP), ("/docs", "docs.html", PAGE_CSP),
-                            ("/redoc", "redoc.html", REDOC_CSP)):
-        app.add_route(path, _file(WEB_DIR / name, csp), methods=["GET", "HEAD"], include_in_schema=False)
-    for asset in sorted((WEB_DIR / "ui").iterdir()):
-        app.add_route(f"/ui/{asset.name}", _file(asset, PAGE_CSP), methods=["GET", "HEAD"], include_in_schema=False)
-    app.mount("/ui/vendor", _VendorFiles(directory=VENDOR_DIR), name="ui-vendor")
+    app.add_api_route("/", _page("index.html", PAGE_CSP), include_in_schema=False, methods=["GET", "HEAD"])
+    app.add_api_route("/docs", _page("docs.html", PAGE_CSP), include_in_schema=False, methods=["GET", "HEAD"])
+    app.add_api_route("/redoc", _page("redoc.html", REDOC_CSP), include_in_schema=False, methods=["GET", "HEAD"])
+    # /ui/vendor before /ui: the first mount that matches a path serves it
+    app.mount("/ui/vendor", _Assets(VENDOR_DIR, PAGE_CSP), name="ui-vendor")
+    app.mount("/ui", _Assets(WEB_DIR / "ui", PAGE_CSP), name="ui")
