@@ -21,6 +21,7 @@ const state = {
   code: null, // the decoder's input for x: the posterior mean, z_K for flow models
   samples: null, // the last GET /sample answer
   ends: { a: null, b: null }, // interpolation ends: { z, image, label }
+  dimChosen: false, // the traversal's dimension was picked by hand (else: the input's most certain one)
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -137,6 +138,7 @@ function useModel(name, first = false) {
     return o;
   }));
   state.ends = { a: null, b: null };
+  state.dimChosen = false;
   showEnd("a");
   showEnd("b");
   blank($("interp-strip"));
@@ -220,6 +222,9 @@ async function evaluate(final, since) {
     $("recon-caption").textContent = e.z_k ? "Reconstruction: decoded z_K, the posterior mean through the flows."
       : "Reconstruction: the decoded posterior mean.";
     showCode($("code"), e.mean, e.log_var, e.z_k);
+    if (!state.dimChosen) { // the dimension the posterior is surest of (least variance): the input sets it most
+      $("traverse-dim").value = String(e.log_var.indexOf(Math.min(...e.log_var)));
+    }
     showBound(ll, m);
     clearError();
     if (since !== undefined) {
@@ -408,6 +413,7 @@ function wire() {
   $("b-sample").addEventListener("click", () => guarded(() => endFromSample("b")));
   $("interp-form").addEventListener("submit", (e) => { e.preventDefault(); guarded(runInterpolation); });
   $("traverse-form").addEventListener("submit", (e) => { e.preventDefault(); guarded(() => runTraverse()); });
+  $("traverse-dim").addEventListener("change", () => { state.dimChosen = true; });
   for (const id of ["traverse-dim", "traverse-base"]) $(id).addEventListener("change", () => guarded(() => runTraverse()));
 }
 
