@@ -25,7 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from service import bound
+from service import bound, web
 from service import inference as infer
 from service import postprocess as post
 from service.api_schema import _BODY_SCHEMAS, _DECODE_BODY, _IMAGE_BODY, _query_openapi, openapi_limits
@@ -493,6 +493,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # Off, FastAPI skips its per-request lookup of the global OpenTelemetry providers (loop CPU on every request)
         telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
+        docs_url=None, redoc_url=None,  # served by service/web.py from local assets
         # The routes themselves, not app.include_router(router): an included router is matched through
         # another layer of route contexts on every request (about 8 % of POST /encode's time).
         routes=[*inference.routes, *router.routes],
@@ -504,6 +505,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.loading_task = None
     app.state.draining = False
     install_error_handlers(app)
+    web.install(app, resolve_model)  # the page at /, /docs, /redoc, POST /preprocess
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Middlewares: the last added is the outermost: CORS -> request id/log/metrics -> /v2 errors -> API key ->
     # body limit.
