@@ -10,12 +10,14 @@ import re
 import time
 from typing import Any
 
+from service import web
 from service.errors import problem_bytes
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Open without the API key: the probes, and the web page's static files
+OPEN_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"}) | web.OPEN_PATHS
 
 
 async def send_problem(send, status: int, title: str, detail: str, slug: str,
@@ -85,7 +87,8 @@ class RequestContextMiddleware:
 
 
 class APIKeyMiddleware:
-    """When an API key is set, every path but /health and /ready needs it (X-API-Key or Bearer), OPTIONS too.
+    """When an API key is set, every path but /health, /ready and the web page's static files (service/web.py)
+    needs it (X-API-Key or Bearer), OPTIONS too.
 
     A CORS preflight from an allowed origin never gets here: CORSMiddleware (outside this one) answers it.
     """
@@ -94,7 +97,7 @@ class APIKeyMiddleware:
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(web.OPEN_PREFIX):
             return await self.app(scope, receive, send)
         given = _header(scope, b"x-api-key")
         if given is None:

@@ -77,7 +77,8 @@ def map_case(context, case):
     model = ext["models"].get(query.get("model") or ext["default_model"])
     limits = ext["limits"]
     path = case.operation.path
-    if path in ("/encode", "/log-likelihood") and isinstance(body, dict) and isinstance(body.get("images"), list):
+    images_body = isinstance(body, dict) and isinstance(body.get("images"), list)
+    if path in ("/encode", "/log-likelihood", "/preprocess") and images_body:
         if case.media_type != "multipart/form-data" and model is not None:
             body["images"] = _json_images(body["images"], model["data_dim"], limits["max_json_pixels"])
         if path == "/log-likelihood":
