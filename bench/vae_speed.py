@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import record, table  # noqa: E402
 from training.data import mnist5k_raw, mnist5k_split  # noqa: E402
-from training.train_vae import _optimizer, train_epoch  # noqa: E402
+from training.train_vae import make_optimizer, train_epoch  # noqa: E402
 from training.vae import VAE, VAEConfig  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def time_epochs(flows: int, epochs: int, seed: int = 0, flow_type: str = "amorti
     cfg = VAEConfig(data_dim=784, latent_dim=40, encoder_hidden=(512,), decoder_hidden=(512,), flows=flows,
                     flow_type=flow_type)
     model = VAE(cfg).train()
-    opt = _optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.0))
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     times = []
     for _ in range(epochs + 1):

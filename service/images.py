@@ -1,7 +1,7 @@
 """Images in and out: decode and validate uploads (Pillow), JSON pixel arrays, resizing, PNG grids.
 
 Every image becomes float32 intensities in [0, 1], flattened row-major, ink = 1 (models/README.md), with
-the model's channels (service/pixels.py): a grayscale model gets colour converted to gray, a colour model
+the model's channels (model_repository/pixels.py): a grayscale model gets colour converted to gray, a colour model
 gets every image as RGB, flattened with the channels interleaved (row-major H x W x C). `invert` maps
 x -> 1 - x for dark ink on a light background. Other sizes are resized (Lanczos, aspect ratio not kept) to
 the model's.
@@ -27,7 +27,7 @@ import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import ProblemError
-from service.pixels import as_channels, resize, to_float
+from model_repository.pixels import as_channels, resize, to_float
 
 # Formats accepted (Pillow format names; multi-picture JPEGs open through the JPEG plugin).
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")

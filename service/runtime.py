@@ -40,19 +40,13 @@ from service.admission import WorkBudget
 from service.memory import Trimmer
 from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, Offload
-from service.repository import ModelCard, ModelRepositoryError, discover_models, public_reason
+from model_repository.card import ModelCard, ModelRepositoryError
+from model_repository.graphs import FLOW_PARAMS, GRAPHS
+from service.repository import discover_models, public_reason
 from service.settings import PREFERRED_DEFAULTS, Settings
 
 log = logging.getLogger("service.runtime")
 
-# role -> (inputs, required outputs) per models/README.md
-CONTRACT = {
-    "encoder": (["x"], ["mean", "log_var"]),
-    "decoder": (["z"], ["x_mean"]),
-    "bound": (["x", "eps"], ["log_w"]),
-    "loglik": (["x"], ["log_px"]),
-}
-FLOW_OUTPUTS = ["flow_u", "flow_w", "flow_b"]
 # Bound-graph calls of more samples than this shrink ONNX Runtime's arena afterwards. Shrinking costs about
 # half of a 1000-sample call (docs/benchmarks.md, "Service: heavy requests"); what a smaller call leaves in
 # the arena (a few MB) is reused by the next one.
@@ -337,14 +331,6 @@ class LoadedModel:
     def name(self) -> str:
         return self.card.name
 
-    def summary(self) -> dict:
-        c = self.card
-        return {
-            "name": c.name, "kind": c.kind, "image_shape": list(c.image_shape), "channels": c.channels,
-            "data_dim": c.data_dim,
-            "latent_dim": c.latent_dim, "likelihood": c.likelihood, "flows": c.flows, "flow_type": c.flow_type,
-            "noise_variance": c.noise_variance, "metrics": c.metrics, "graphs": c.graphs,
-        }
 
 
 class Runtime:
@@ -394,7 +380,7 @@ class Runtime:
     def _load_model(self, card: ModelCard, so: ort.SessionOptions) -> LoadedModel:
         runners = {}
         for role, fname in card.graphs.items():
-            if role not in CONTRACT:
+            if role not in GRAPHS:
                 continue
             path: Path = card.path / fname
             session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
@@ -463,12 +449,12 @@ def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None
     """The graph's inputs and outputs must be those of models/README.md, with the card's sizes."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    want_in, want_out = CONTRACT[role]
+    want_in, want_out = list(GRAPHS[role].inputs), GRAPHS[role].outputs
     if sorted(inputs) != sorted(want_in):
         raise ModelRepositoryError(f"{card.graphs[role]}: inputs {sorted(inputs)}, expected {want_in}")
     missing = [o for o in want_out if o not in outputs]
     if role == "encoder" and card.flows > 0:
-        missing += [o for o in FLOW_OUTPUTS if o not in outputs]
+        missing += [o for o in FLOW_PARAMS if o not in outputs]
     if missing:
         raise ModelRepositoryError(f"{card.graphs[role]}: outputs lack {missing} (has {outputs})")
     # Requests are merged and padded along axis 0: a graph exported with a fixed batch size would fail

@@ -1,4 +1,4 @@
-"""Colour in service/images.py and service/pixels.py against Pillow, the reference.
+"""Colour in service/images.py and model_repository/pixels.py against Pillow, the reference.
 
 A colour model takes every upload as Pillow's "RGB" of it (transparent pixels composited onto white first,
 gray repeated into the three channels), resized channel by channel, flattened row-major with the channels

@@ -260,7 +260,7 @@ def test_encoder_without_zk_output_gets_it_from_the_flow_parameters(model_repo, 
 
     import onnx
 
-    from service.repository import sha256_file
+    from model_repository.card import sha256_file
 
     name = need("flow-vae-digits")
     old = tmp_path / "models" / name

@@ -11,7 +11,7 @@ import torch
 
 
 def _torch_model(model_repo, name):
-    from training.cli import driver_for
+    from training.drivers import driver_for
     from training.common import load_checkpoint
 
     ckpt = load_checkpoint(model_repo / name)
