@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from service.api_schema import _IMAGE_BODY, _query_openapi
+from service.openapi import IMAGE_BODY, query_openapi
 from service.inputs import read_images, read_query
 from service.schemas import ImageInfo, Invert, ModelQuery
 from service.settings import Settings
@@ -80,4 +80,4 @@ def add_route(app, resolve_model: Callable) -> None:
 
     app.add_api_route("/preprocess", preprocess, methods=["POST"], response_model=PreprocessResponse,
                       tags=["inference"], responses=RESPONSES, summary="images -> the pixels the model sees",
-                      openapi_extra=_query_openapi(PreprocessQuery, **_IMAGE_BODY))
+                      openapi_extra=query_openapi(PreprocessQuery, **IMAGE_BODY))

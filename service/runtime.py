@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from model_repository.card import ModelCard, ModelRepositoryError
+from model_repository.graphs import FLOW_PARAMS, GRAPHS
 from service.admission import WorkBudget
 from service.memory import Trimmer
 from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, Offload
-from model_repository.card import ModelCard, ModelRepositoryError
-from model_repository.graphs import FLOW_PARAMS, GRAPHS
 from service.repository import discover_models, public_reason
 from service.settings import PREFERRED_DEFAULTS, Settings
 

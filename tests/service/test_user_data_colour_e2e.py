@@ -25,8 +25,8 @@ from user_data_checks import check_log_likelihood
 
 from model_repository.card import ModelRepositoryError, load_model_card
 from training.cli import main
-from training.drivers import driver_for
 from training.common import load_checkpoint
+from training.drivers import driver_for
 
 SHAPE = (16, 12)  # H > W
 TINY_VAE = ["--latent-dim", "3", "--hidden", "16", "--epochs", "3", "--batch-size", "8", "--eval-samples", "4",
