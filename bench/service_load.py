@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bodies import image_parts, multipart, multipart_type
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -171,10 +173,9 @@ def wrk_post(url: str, body: bytes, headers: dict[str, str], clients: int, secon
 def _load_wrk(port: int, png: bytes, clients: int, seconds: float, workdir: Path) -> dict:
     """POST /encode with one PNG upload under wrk."""
     boundary = "latentservebench"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"d.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
-    return wrk_post(f"http://127.0.0.1:{port}/encode", body,
-                    {"Content-Type": f"multipart/form-data; boundary={boundary}"}, clients, seconds, workdir)
+    body = multipart(image_parts([(png, "d.png")]), boundary, content_type="image/png")
+    return wrk_post(f"http://127.0.0.1:{port}/encode", body, {"Content-Type": multipart_type(boundary)}, clients,
+                    seconds, workdir)
 
 
 SERVERS = [("service, batching", "service", True), ("service, no batching", "service", False),

@@ -9,7 +9,7 @@ ceil(S / k), the last slice zero-padded), and a row of the bound graph is (x_n, 
 GraphRunner runs the bound graph one row per call, so no call is padded with rows of zeros: an image
 costs k * L < S + k decoder rows (the work the admission budget counts), one call never has more than
 `max_rows` samples, and a sample's log_w depends only on its image, its eps, S and its place in its
-slice: never on what its request was batched with (tests/service/test_service_batching.py).
+slice: never on what its request was batched with (tests/service/test_batcher.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.batcher import GraphRunner
 from service.numerics import bounds_from_log_weights
 from service.postprocess import NonFiniteOutputError, Offload
-from service.runtime import GraphRunner
 
 
 def max_work(settings) -> int:

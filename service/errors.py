@@ -20,8 +20,8 @@ from starlette.requests import ClientDisconnect
 
 from service import images
 from service.admission import BusyError
+from service.batcher import QueueFullError
 from service.postprocess import NonFiniteOutputError
-from service.runtime import QueueFullError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "/problems/"

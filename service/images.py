@@ -7,8 +7,8 @@ x -> 1 - x for dark ink on a light background. Other sizes are resized (Lanczos,
 the model's.
 
 Plain 8-bit grayscale PNGs, what Pillow, torchvision and most digit tools write, take a shorter road
-(`_png_gray8`): libspng through pyspng decodes them in about a sixth of the time Pillow's Python layer
-takes, on the event loop of POST /encode. Pillow stays the reference for every other file and for any
+(`_png_gray8`): libspng through pyspng decodes them several times faster than Pillow's Python layer, on
+the event loop of POST /encode (docs/benchmarks.md). Pillow stays the reference for every other file and for any
 damage: the fast path only accepts files that Pillow decodes to the same pixels (tests/service/test_images.py).
 """
 

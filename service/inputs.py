@@ -60,8 +60,8 @@ def read_query(request: Request, params: type[Q]) -> Q:
     """The request's query string validated by `params` (service/schemas.py); 422 naming the parameter.
 
     The inference endpoints read their query parameters with this instead of declaring each one as a
-    FastAPI parameter: FastAPI's per-parameter solving cost about a sixth of POST /encode's time on the
-    event loop, more than one pydantic validation of the whole query (docs/benchmarks.md). The routes
+    FastAPI parameter: FastAPI's per-parameter solving cost POST /encode more time on the event loop than
+    one pydantic validation of the whole query (docs/benchmarks.md). The routes
     declare the same parameters in OpenAPI (service/openapi.py), so /docs and schemathesis see them
     with the limits of the live Settings.
     """

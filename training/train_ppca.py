@@ -35,8 +35,8 @@ from training.ppca import (
 from training.ppca_sem import SAMPLINGS, STEPS, DivergenceError, SEMSettings, StochasticEM
 
 METHODS = ("em", "sem", "closed-form")
-EM_MAX_ITERATIONS = 5000  # far more than the few hundred EM needs to reach tol on mnist5k (d = 40)
-SEM_EPOCHS = 60  # within 0.5 nats/image of the optimum on digits and mnist5k (docs/benchmarks.md)
+EM_MAX_ITERATIONS = 5000  # a cap a converging fit does not reach: EM stops at --tol (docs/benchmarks.md)
+SEM_EPOCHS = 60  # past where the gap to the optimum stops shrinking on digits and mnist5k (docs/benchmarks.md)
 LIKELIHOOD = "gaussian"  # p(x | z) = N(mu + W z, sigma2 I): a density, so bits/dim read 256 levels per pixel
 _SEM = SEMSettings()  # the stochastic EM's defaults are its own (training/ppca_sem.py)
 

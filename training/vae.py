@@ -36,7 +36,7 @@ class VAEConfig:
     latent_dim: int = 40  # the issue's benchmark latent size (as the peers' models)
     encoder_hidden: tuple[int, ...] = (512, 512)  # two 512-unit layers beat the peers' one on mnist5k-bin
     decoder_hidden: tuple[int, ...] = (512, 512)  # mirror of the encoder
-    activation: str = "tanh"  # 2.5 nats better than relu on mnist5k-bin test after 100 epochs (less overfitting)
+    activation: str = "tanh"  # overfits less than relu on mnist5k-bin (docs/benchmarks.md, VAE quality)
     likelihood: str = "bernoulli"  # binary images; 'gaussian' for continuous data
     var_floor: float = 1e-3  # gaussian only: var = exp(raw) + floor bounds the density on flat [0, 1] pixels
     flows: int = 0  # K planar flows; 0 = plain VAE

@@ -24,10 +24,10 @@ from svc_helpers import run_async, settings_for, start_server
 
 from service import bound
 from service.admission import BusyError, WorkBudget
+from service.batcher import GraphRunner, QueueFullError, session_options
 from service.errors import problem_for
 from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, NonFiniteOutputError, Offload
-from service.runtime import GraphRunner, QueueFullError, session_options
 
 # ------------------------------------------------------------------------------------------------
 # The bound graph computes each image's own samples, not 8 padded images
