@@ -41,16 +41,20 @@ class RequestRoute(APIRoute):
         names = list(inspect.signature(endpoint).parameters)
         if len(names) != 2 or names[0] != "request":
             raise TypeError(f"{endpoint.__name__}: a RequestRoute handler takes (request, query), got {names}")
-        self.query = query
-        super().__init__(path, endpoint, **kwargs)
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        endpoint, query = self.endpoint, self.query
 
         async def handle(request: Request) -> Response:
             return await endpoint(request, read_query(request, query))
 
-        return handle
+        # FastAPI reads the route's parameters from the signature of what it is given: `handle` has the request
+        # alone (the query model would otherwise be documented as a JSON body); the name and the docstring are
+        # the handler's, for OpenAPI's operation id and description.
+        handle.__name__, handle.__qualname__ = endpoint.__name__, endpoint.__qualname__
+        handle.__doc__ = endpoint.__doc__
+        self.query = query
+        super().__init__(path, handle, **kwargs)
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        return self.endpoint
 
 
 class Endpoints:

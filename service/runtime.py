@@ -12,7 +12,6 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -87,11 +86,11 @@ class Runtime:
 
     def _load_model(self, card: ModelCard, so: ort.SessionOptions) -> LoadedModel:
         runners = {}
-        for role, fname in card.graphs.items():
+        for role in card.graphs:
             if role not in GRAPHS:
                 continue
-            path: Path = card.path / fname
-            session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(card.graph_path(role)), sess_options=so,
+                                           providers=["CPUExecutionProvider"])
             _check_io(card, role, session)
             _check_runs(card, role, session)
             max_cost = self.settings.bound_chunk_rows if role == "bound" else self.settings.max_batch_size

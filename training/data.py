@@ -9,7 +9,7 @@ are always taken out of the training rows, so nothing selected on them ever sees
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -191,14 +191,8 @@ def reload_dataset(meta: dict) -> ImageData:
     dataset = meta["dataset"]
     return load_dataset(
         dataset,
-        valid_fraction=meta.get("valid_fraction", 0.1),
+        valid_fraction=meta.get("valid_fraction", VALID_FRACTION),
         test_fraction=meta.get("test_fraction", TEST_FRACTION),
         image_size=tuple(meta["image_shape"]) if Path(dataset).is_dir() else None,
         channels=None if dataset in EMBEDDED else meta.get("channels", 1),
     )
-
-
-def with_validation_as_training(data: ImageData) -> ImageData:
-    """The same data with the validation rows folded back into the training rows."""
-    train = np.concatenate([data.train, data.valid])
-    return replace(data, train=train, valid=data.valid[:0], train_probs=None)
