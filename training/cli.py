@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from training.common import load_checkpoint
 from training.config import DataOptions, FitJob, RunOptions, add_options, from_args
 from training.drivers import DRIVERS, driver_for
 
@@ -71,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(fit(job, args.out, export=not args.no_export), indent=2))
             return 0
         if args.command == "evaluate":
-            from training.common import load_checkpoint
-
             ckpt = load_checkpoint(args.run_dir)
             figures = driver_for(ckpt["kind"]).evaluate(ckpt, samples=args.samples, seed=args.seed,
                                                         device=args.device)

@@ -19,6 +19,8 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from model_repository.card import ModelRepositoryError, load_model_card
 from training.config import DataOptions, FitJob
 from training.export import export_checkpoint
@@ -104,6 +106,4 @@ def _timed_fit(job: FitJob, out: Path) -> float:
 
 
 def _one_thread() -> None:
-    import torch
-
     torch.set_num_threads(1)

@@ -27,7 +27,10 @@ from torch import Tensor, nn
 from model_repository.card import CARD, sha256_file, write_card
 from model_repository.graphs import EPS, GRAPHS, X, Z
 from training.common import METRICS, load_checkpoint, read_json
+from training.data import reload_dataset
 from training.drivers import driver_for
+from training.user_data import DataError
+from training.vae import export_modules
 
 OPSET = 18
 # Parity tolerances (float32): absolute on encoder/decoder outputs, relative on log-densities.
@@ -122,8 +125,6 @@ def _ppca_graphs(model) -> dict[str, GraphSpec]:
 
 
 def _vae_graphs(model) -> dict[str, GraphSpec]:
-    from training.vae import export_modules
-
     return {role: _spec(role, module, outputs) for role, (module, _, outputs) in export_modules(model).items()}
 
 
@@ -294,9 +295,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
 
 def _real_inputs(meta: dict) -> np.ndarray | None:
     """Test rows of the model's dataset, for the parity check on real images (None if unavailable)."""
-    from training.data import reload_dataset
-    from training.user_data import DataError
-
     try:
         data = reload_dataset(meta)
     except (DataError, OSError, ValueError) as e:

@@ -216,3 +216,12 @@ def test_declared_size_is_read_without_decoding(fmt, monkeypatch):
     with pytest.raises(ImageError) as e:
         declared_size(b"not an image", "x", max_pixels=MAX_PIXELS)
     assert problem_for(e.value).status == 415
+
+
+def test_every_kind_of_image_error_has_its_http_answer():
+    """images.py raises domain errors; service/errors.py gives each its status (a kind without one: a 500)."""
+    kinds = ImageError.__subclasses__()
+    assert len(kinds) >= 7
+    statuses = {cls.__name__: problem_for(cls("images[0]: what is wrong")).status for cls in kinds}
+    assert set(statuses.values()) <= {413, 415, 422}, statuses
+    assert statuses["ImageTooLargeError"] == 413 and statuses["UnsupportedImageError"] == 415
