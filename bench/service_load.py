@@ -159,7 +159,7 @@ def wrk_post(url: str, body: bytes, headers: dict[str, str], clients: int, secon
     out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s",
                           str(workdir / "post.lua"), url], check=True, capture_output=True, text=True).stdout
     cpu = cpu_seconds() - cpu0 if cpu_seconds else None
-    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))  # wrk pads "1.11s " with a space
     if len(pct) < 2:  # no request completed (every one timed out): no latency distribution to read
         raise RuntimeError(f"wrk measured no latencies at {clients} clients on {url}:\n{out}")
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
