@@ -6,8 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import ProblemError
-from service.runtime import LoadedModel, Runtime
+from service.runtime import LoadedModel, NotReadyError, Runtime
 from service.settings import Settings
 
 
@@ -31,22 +30,15 @@ def loading_done(request: Request) -> bool:
 
 
 def resolve_model(request: Request, name: str | None) -> LoadedModel:
-    """The loaded model called `name` (the default model for None); 503 until ready, 404 if unknown.
+    """The loaded model called `name` (the default model for None): NotReadyError until the models are
+    ready, UnknownModelError for another name (answered 503 and 404: service/errors.py).
 
     The handlers call this directly instead of declaring it as a dependency (service/endpoint.py says why).
     """
     runtime: Runtime = request.app.state.runtime
     if not runtime.ready:
-        detail = runtime.load_error or ("no models are loaded" if runtime.models == {} and loading_done(request)
-                                        else "the models are still loading")
-        raise ProblemError(503, "Not ready", detail, slug="not-ready",
-                           headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+        raise NotReadyError(runtime.load_error or ("no models are loaded" if runtime.models == {} and
+                                                   loading_done(request) else "the models are still loading"))
     name = runtime.default_model if name is None else name  # an empty name names no model (404)
     request.state.model = name
-    if name in runtime.models:
-        return runtime.models[name]
-    if name in runtime.broken:
-        raise ProblemError(404, "Unknown model", f"model {name!r} is unavailable: its folder failed validation "
-                           f"({runtime.broken[name]})", slug="unknown-model")
-    raise ProblemError(404, "Unknown model", f"model {name!r} is not loaded; loaded models: "
-                       f"{', '.join(sorted(runtime.models)) or 'none'}", slug="unknown-model")
+    return runtime.model(name)

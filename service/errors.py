@@ -1,8 +1,8 @@
 """Errors as application/problem+json (RFC 9457): type, title, status, detail (+ extra members).
 
-The one place where a fault gets its HTTP answer: the domain errors of the images, the runtime and the
-admission budget (`DOMAIN_PROBLEMS`), a model output that is not finite (`non_finite_problem`), the
-framework's own errors, and anything unexpected (500, logged).
+The one place where a fault gets its HTTP answer: the domain errors of the images, the runtime (a model
+not ready or unknown, a full queue) and the admission budget (`DOMAIN_PROBLEMS`), a model output that is not
+finite (`non_finite_problem`), the framework's own errors, and anything unexpected (500, logged).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from service import images
 from service.admission import BusyError
 from service.batcher import QueueFullError
 from service.postprocess import NonFiniteOutputError
+from service.runtime import NotReadyError, UnknownModelError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "/problems/"
@@ -58,9 +59,11 @@ DOMAIN_PROBLEMS: dict[type[Exception], tuple[int, str, str]] = {
     images.InvalidPixelValuesError: (422, "Invalid pixel values", "invalid-pixel-values"),
     QueueFullError: (429, "Too many requests", "queue-full"),
     BusyError: (429, "Too many requests", "queue-full"),
+    NotReadyError: (503, "Not ready", "not-ready"),
+    UnknownModelError: (404, "Unknown model", "unknown-model"),
 }
 # Answers that tell the client when to come back: Retry-After, from the settings.
-_RETRY_LATER = (QueueFullError, BusyError)
+_RETRY_LATER = (QueueFullError, BusyError, NotReadyError)
 
 
 def problem_for(exc: Exception, retry_after_s: int | None = None) -> ProblemError:
@@ -155,7 +158,7 @@ def install_error_handlers(app: FastAPI) -> None:
         p = problem_for(exc, request.app.state.settings.retry_after_s)
         return problem_response(p.status, p.title, p.detail, p.slug, headers=p.headers)
 
-    for cls in (images.ImageError, QueueFullError, BusyError):
+    for cls in (images.ImageError, QueueFullError, BusyError, NotReadyError, UnknownModelError):
         app.add_exception_handler(cls, _domain)
 
     @app.exception_handler(RequestValidationError)

@@ -40,6 +40,14 @@ class LoadedModel:
 
 
 
+class NotReadyError(Exception):
+    """No model can be served yet (still loading, or none could be loaded); the message says which."""
+
+
+class UnknownModelError(Exception):
+    """A request named a model that is not loaded; the message lists the loaded ones, or why that one is not."""
+
+
 class Runtime:
     """Every loaded model, the shared thread pool and the batchers; filled by :meth:`load`."""
 
@@ -54,6 +62,16 @@ class Runtime:
         self.budget = WorkBudget(settings.max_inflight_work, settings.retry_after_s, metrics)
         self.offload = Offload(settings.postprocess_workers, INLINE_VALUES)
         self.trimmer = Trimmer(self.offload.executor, settings.trim_after_work)
+
+    def model(self, name: str) -> LoadedModel:
+        """The loaded model called `name`; UnknownModelError naming the alternatives otherwise."""
+        if name in self.models:
+            return self.models[name]
+        if name in self.broken:
+            raise UnknownModelError(f"model {name!r} is unavailable: its folder failed validation "
+                                    f"({self.broken[name]})")
+        raise UnknownModelError(f"model {name!r} is not loaded; loaded models: "
+                                f"{', '.join(sorted(self.models)) or 'none'}")
 
     # -- loading (blocking: called in a thread) ----------------------------------------------------
 
