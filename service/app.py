@@ -15,12 +15,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
+from service import oip, web
+from service.context import resolve_model
 from service.errors import install_error_handlers
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
-from service import oip, web
-from service.context import resolve_model
 from service.openapi import openapi
 from service.routes import inference, models, operations
 from service.runtime import Runtime

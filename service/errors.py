@@ -62,6 +62,7 @@ DOMAIN_PROBLEMS: dict[type[Exception], tuple[int, str, str]] = {
     NotReadyError: (503, "Not ready", "not-ready"),
     UnknownModelError: (404, "Unknown model", "unknown-model"),
 }
+DOMAIN_ERRORS = tuple(DOMAIN_PROBLEMS)  # for `except` clauses of code that answers in another form (/v2)
 # Answers that tell the client when to come back: Retry-After, from the settings.
 _RETRY_LATER = (QueueFullError, BusyError, NotReadyError)
 

@@ -15,8 +15,8 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from service.openapi import IMAGE_BODY, query_openapi
 from service.inputs import read_images, read_query
+from service.openapi import IMAGE_BODY, query_openapi
 from service.schemas import ImageInfo, Invert, ModelQuery
 from service.settings import Settings
 

@@ -55,21 +55,29 @@ def _base_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line `argv` (without the program name) parsed; `fit` with the chosen model's own options."""
     parser = _base_parser()
     kind = _fit_model(argv)
     if kind is not None:  # the chosen model's driver adds its own options to `fit` (and to its --help)
         fit_parser = parser._subparsers._group_actions[0].choices["fit"]
         add_options(fit_parser.add_argument_group(kind), driver_for(kind).Options)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def fit_job(args: argparse.Namespace) -> FitJob:
+    """The typed settings of a parsed `fit` command line, built once here."""
+    return FitJob(args.model, from_args(driver_for(args.model).Options, args), from_args(DataOptions, args),
+                  from_args(RunOptions, args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "fit":
             from training.fitting import fit
 
-            job = FitJob(args.model, from_args(driver_for(args.model).Options, args), from_args(DataOptions, args),
-                         from_args(RunOptions, args))
-            print(json.dumps(fit(job, args.out, export=not args.no_export), indent=2))
+            print(json.dumps(fit(fit_job(args), args.out, export=not args.no_export), indent=2))
             return 0
         if args.command == "evaluate":
             ckpt = load_checkpoint(args.run_dir)
