@@ -15,8 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
-from service import oip, web
-from service.context import resolve_model
+from service import oip, preprocess, web
 from service.errors import install_error_handlers
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -34,8 +33,8 @@ def routes() -> list[BaseRoute]:
     layer of route contexts on every request (docs/benchmarks.md). The inference routes come first: they
     carry most requests, and Starlette tries the routes in order (/v2 inference first: service/oip/routes.py).
     """
-    return [*oip.infer_routes, *inference.endpoints.routes, *operations.router.routes, *models.router.routes,
-            *oip.routes]
+    return [*oip.infer_routes, *inference.endpoints.routes, *preprocess.endpoints.routes, *operations.router.routes,
+            *models.router.routes, *oip.routes]
 
 
 async def _start(runtime: Runtime) -> None:
@@ -87,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.loading_task = None
     app.state.draining = False
     install_error_handlers(app)
-    web.install(app, resolve_model)  # the page at /, /docs, /redoc, POST /preprocess
+    web.install(app)  # the page at /, its assets, /docs and /redoc
     app.openapi = lambda: openapi(app)  # type: ignore[method-assign]
     # Middlewares: the last added is the outermost: CORS -> request id/log/metrics -> /v2 errors -> API key ->
     # body limit.
