@@ -54,7 +54,8 @@ RUN python3 -m venv /opt/venv \
         > /tmp/requirements.txt \
     && pip install --no-compile -r /tmp/requirements.txt
 COPY README.md /app/
-COPY training/ /app/training/
+# The service and the repository contract it reads; not training/ (torch), which this image cannot run.
+COPY model_repository/ /app/model_repository/
 COPY service/ /app/service/
 # The runtime needs neither pip nor setuptools, nor numpy's test suite.
 RUN pip install --no-compile --no-deps . \
@@ -82,6 +83,7 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
         > /tmp/requirements.txt \
     && pip install --no-compile -r /tmp/requirements.txt
 COPY README.md /app/
+COPY model_repository/ /app/model_repository/
 COPY training/ /app/training/
 COPY service/ /app/service/
 RUN pip install --no-compile --no-deps . \

@@ -40,8 +40,8 @@ def torch_app(checkpoint: str, model: str) -> FastAPI:
     import torch
     from PIL import Image
 
-    from training.cli import driver_for
     from training.common import load_checkpoint
+    from training.drivers import driver_for
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(checkpoint)

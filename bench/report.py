@@ -1,7 +1,7 @@
 """Record a benchmark's figures in docs/benchmarks.md: one section per benchmark, replaced on re-run.
 
     from bench.report import machine, record
-    record("PPCA fitting", body_markdown, command="python bench/ppca.py")
+    record("PPCA fitting", body_markdown, command="python -m bench.ppca")
 """
 
 from __future__ import annotations

@@ -21,18 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bodies import image_parts, multipart, multipart_type
+
 ROOT = Path(__file__).resolve().parents[1]
 BOUNDARY = "latentservebench"
 
 
 def upload(png: bytes) -> tuple[bytes, dict]:
     """The multipart body and the ASGI scope of POST /encode with one image."""
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"d.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+    body = multipart(image_parts([(png, "d.png")]), BOUNDARY, content_type="image/png")
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/encode", "raw_path": b"/encode", "query_string": b"", "root_path": "",
              "headers": [(b"host", b"127.0.0.1"),
-                         (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
+                         (b"content-type", multipart_type(BOUNDARY).encode()),
                          (b"content-length", str(len(body)).encode())],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
     return body, scope

@@ -35,6 +35,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.bodies import image_parts, multipart_type
+from bench.bodies import multipart as multipart_body
+
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 BOUNDARY = "hostilebench"
@@ -347,17 +350,13 @@ def digit(seed: int = 0):
     return (np.random.default_rng(seed).random((28, 28)) * 255).astype(np.uint8)
 
 
-def multipart(files: list[tuple[bytes, str]], boundary: str = BOUNDARY, disposition: str | None = None) -> bytes:
+def multipart(files: list[tuple[bytes, str]], disposition: str | None = None) -> bytes:
     """A multipart body of file parts named `images`; `disposition` replaces the parameters after form-data."""
-    out = b""
-    for data, name in files:
-        params = disposition if disposition is not None else f'name="images"; filename="{name}"'
-        out += (f"--{boundary}\r\n").encode() + b"Content-Disposition: form-data; " + params.encode("latin-1") + \
-            b"\r\nContent-Type: application/octet-stream\r\n\r\n" + data + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode()
+    parts = image_parts(files) if disposition is None else [(data, disposition) for data, _ in files]
+    return multipart_body(parts, BOUNDARY)
 
 
-MP = f"multipart/form-data; boundary={BOUNDARY}"
+MP = multipart_type(BOUNDARY)
 JSON = {"Content-Type": "application/json"}
 
 

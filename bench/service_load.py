@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bodies import image_parts, multipart, multipart_type
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -157,7 +159,7 @@ def wrk_post(url: str, body: bytes, headers: dict[str, str], clients: int, secon
     out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s",
                           str(workdir / "post.lua"), url], check=True, capture_output=True, text=True).stdout
     cpu = cpu_seconds() - cpu0 if cpu_seconds else None
-    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))  # wrk pads "1.11s " with a space
     if len(pct) < 2:  # no request completed (every one timed out): no latency distribution to read
         raise RuntimeError(f"wrk measured no latencies at {clients} clients on {url}:\n{out}")
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
@@ -171,10 +173,9 @@ def wrk_post(url: str, body: bytes, headers: dict[str, str], clients: int, secon
 def _load_wrk(port: int, png: bytes, clients: int, seconds: float, workdir: Path) -> dict:
     """POST /encode with one PNG upload under wrk."""
     boundary = "latentservebench"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"d.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
-    return wrk_post(f"http://127.0.0.1:{port}/encode", body,
-                    {"Content-Type": f"multipart/form-data; boundary={boundary}"}, clients, seconds, workdir)
+    body = multipart(image_parts([(png, "d.png")]), boundary, content_type="image/png")
+    return wrk_post(f"http://127.0.0.1:{port}/encode", body, {"Content-Type": multipart_type(boundary)}, clients,
+                    seconds, workdir)
 
 
 SERVERS = [("service, batching", "service", True), ("service, no batching", "service", False),

@@ -83,9 +83,9 @@ def discretised_bits_per_dim(run: Path, S: int, seed: int = 0) -> float:
 
     import torch
 
-    from training.cli import driver_for
     from training.common import load_checkpoint
     from training.data import reload_dataset
+    from training.drivers import driver_for
     from training.vae import LOG_2PI
 
     ckpt = load_checkpoint(run)
@@ -127,9 +127,9 @@ def plot(runs: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
     import torch
 
-    from training.cli import driver_for
     from training.common import load_checkpoint
     from training.data import reload_dataset
+    from training.drivers import driver_for
     from training.plots import image_grid
 
     n = 12

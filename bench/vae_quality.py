@@ -1,6 +1,6 @@
 """Test log-likelihood of the VAE and the planar-flow VAE on mnist5k-bin, over seeds.
 
-    .venv/bin/python bench/vae_quality.py [--seeds 0 1 2] [--models vae flow-vae] [-- EXTRA FIT ARGS]
+    .venv/bin/python -m bench.vae_quality [--seeds 0 1 2] [--models vae flow-vae] [-- EXTRA FIT ARGS]
 
 Each run is `python -m training fit --model MODEL --dataset mnist5k-bin --seed SEED --no-export` with
 the driver's defaults (latent 40, flow-vae: 10 amortized planar flows) plus any extra arguments, so the
@@ -22,12 +22,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.report import publish, table
+from training.cli import main as cli
+from training.common import read_json
 
-from bench.report import record, table  # noqa: E402
-from training.cli import main as cli  # noqa: E402
-from training.common import read_json  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(model: str, seed: int, out: Path, extra: list[str], threads: int | None = None) -> dict:
@@ -103,11 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             + "\n\nPer run:\n\n"
             + table(["model", "seed", "test NLL", "test ELBO", "train ELBO", "valid ELBO", "best epoch", "epochs",
                      "train s", "s/epoch"], rows))
-    print(body)
-    if not args.no_record:
-        cmd = ("python bench/vae_quality.py" + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
-               + (" -- " + " ".join(extra) if extra else ""))
-        record(args.title, body, command=cmd)
+    publish(args.title, body, module="bench.vae_quality", save=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Seconds per training epoch of the VAE and the planar-flow VAE with the peers' architecture.
 
-    .venv/bin/python bench/vae_speed.py [--epochs 10] [--threads 1 2]
+    .venv/bin/python -m bench.vae_speed [--epochs 10] [--threads 1 2]
 
 Architecture as the peers': encoder 784-512-80, decoder 40-512-784, 10 planar flows, Adam, batch 100,
 4,000 binarized mnist5k training images (a fresh binarization each epoch, as `fit` does). The peers'
@@ -16,20 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.report import record, table  # noqa: E402
-from training.data import mnist5k_raw, mnist5k_split  # noqa: E402
-from training.distributed import Dist  # noqa: E402
-from training.train_vae import _optimizer  # noqa: E402
-from training.vae import VAE, VAEConfig  # noqa: E402
-from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch  # noqa: E402
+from bench.report import publish, table
+from training.data import mnist5k_raw, mnist5k_split
+from training.distributed import Dist
+from training.train_vae import make_optimizer
+from training.vae import VAE, VAEConfig
+from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
 
 
 def time_epochs(flows: int, epochs: int, seed: int = 0, flow_type: str = "amortized") -> list[float]:
@@ -38,7 +34,7 @@ def time_epochs(flows: int, epochs: int, seed: int = 0, flow_type: str = "amorti
     cfg = VAEConfig(data_dim=784, latent_dim=40, encoder_hidden=(512,), decoder_hidden=(512,), flows=flows,
                     flow_type=flow_type)
     model = VAE(cfg).train()
-    opt = _optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.0))
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     batches = GlobalBatches(len(probs), 100, Dist(), seed)
     times = []
@@ -75,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             "two OpenMP threads wait on each other and epochs take many times longer; `fit` uses one "
             "thread by default).\n\n"
             + table(["model", "threads", "median s/epoch", "min", "max"], rows))
-    if not args.no_record:
-        cmd = "python bench/vae_speed.py" + (f" --epochs {args.epochs}" if args.epochs != 10 else "") + (
-            f" --threads {' '.join(map(str, args.threads))}" if args.threads != [1, 2] else "")
-        record("VAE training speed", body, command=cmd)
+    publish("VAE training speed", body, module="bench.vae_speed", save=not args.no_record)
 
 
 if __name__ == "__main__":

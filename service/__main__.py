@@ -7,7 +7,8 @@ import sys
 
 from pydantic import ValidationError
 
-from service.app import configure_logging, create_app
+from service.app import create_app
+from service.logs import configure_logging
 from service.server import serve
 from service.settings import Settings
 

@@ -20,10 +20,13 @@ from typing import TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import ProblemError
 from service.metrics import Metrics
 
 T = TypeVar("T")
+
+
+class BusyError(Exception):
+    """The work budget has no room for a request now (answered 429 with Retry-After: service/errors.py)."""
 
 
 class WorkBudget:
@@ -37,10 +40,8 @@ class WorkBudget:
     def acquire(self, cost: int, model: str) -> None:
         if self.in_flight and self.in_flight + cost > self.capacity:
             self.metrics.rejected.labels(model=model, graph="admission").inc()
-            raise ProblemError(429, "Too many requests", f"the service is busy: {self.in_flight} units of work are in "
-                               f"flight and this request needs {cost}, over the budget of {self.capacity}; retry "
-                               f"after {self.retry_after_s} s", slug="queue-full",
-                               headers={"Retry-After": str(self.retry_after_s)})
+            raise BusyError(f"the service is busy: {self.in_flight} units of work are in flight and this request "
+                            f"needs {cost}, over the budget of {self.capacity}; retry after {self.retry_after_s} s")
         self.in_flight += cost
 
     def release(self, cost: int) -> None:

@@ -9,20 +9,20 @@ ceil(S / k), the last slice zero-padded), and a row of the bound graph is (x_n, 
 GraphRunner runs the bound graph one row per call, so no call is padded with rows of zeros: an image
 costs k * L < S + k decoder rows (the work the admission budget counts), one call never has more than
 `max_rows` samples, and a sample's log_w depends only on its image, its eps, S and its place in its
-slice: never on what its request was batched with (tests/service/test_service_batching.py).
+slice: never on what its request was batched with (tests/service/test_batcher.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from service.batcher import GraphRunner
+from service.numerics import bounds_from_log_weights
 from service.postprocess import NonFiniteOutputError, Offload
-from service.runtime import GraphRunner
 
 
 def max_work(settings) -> int:
@@ -68,17 +68,12 @@ def make_feeds(p: BoundPlan, rng: np.random.Generator, x: np.ndarray, latent_dim
 def reducer(p: BoundPlan, first: int) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
     """The chunk's `post` (runs in the inference thread): log_w rows -> (ELBO, IW bound) per image.
 
-    ELBO = mean over S of log_w; IW bound = logsumexp over S of log_w - log S (models/README.md).
+    ELBO and IW bound: service/numerics.py bounds_from_log_weights (models/README.md).
     NonFiniteOutputError names the image (`first` + its place in the chunk) whose figures are not finite.
     """
 
     def post(out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        S = p.samples
-        lw = out["log_w"].reshape(-1, p.rows_per_image)[:, :S].astype(np.float64)
-        elbo = lw.mean(axis=1)
-        m = lw.max(axis=1, keepdims=True)
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are reported just below
-            iw = (m[:, 0] + np.log(np.exp(lw - m).sum(axis=1))) - math.log(S)
+        elbo, iw = bounds_from_log_weights(out["log_w"].reshape(-1, p.rows_per_image)[:, :p.samples])
         bad = ~(np.isfinite(elbo) & np.isfinite(iw))
         if bad.any():
             raise NonFiniteOutputError("log_w", first + int(np.argmax(bad)))

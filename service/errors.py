@@ -1,4 +1,9 @@
-"""Errors as application/problem+json (RFC 9457): type, title, status, detail (+ extra members)."""
+"""Errors as application/problem+json (RFC 9457): type, title, status, detail (+ extra members).
+
+The one place where a fault gets its HTTP answer: the domain errors of the images, the runtime (a model
+not ready or unknown, a full queue) and the admission budget (`DOMAIN_PROBLEMS`), a model output that is not
+finite (`non_finite_problem`), the framework's own errors, and anything unexpected (500, logged).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+
+from service import images
+from service.admission import BusyError
+from service.batcher import QueueFullError
+from service.postprocess import NonFiniteOutputError
+from service.runtime import NotReadyError, UnknownModelError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "/problems/"
@@ -31,6 +42,49 @@ class ProblemError(Exception):
         self.slug = slug or title.lower().replace(" ", "-")
         self.headers = headers or {}
         self.extra = extra
+
+
+class BodyTooLargeError(Exception):
+    """A streamed request body passed the size limit (raised by service/middleware.py while it is read)."""
+
+
+# Domain error -> (status, title, problem type). The messages are the errors' own.
+DOMAIN_PROBLEMS: dict[type[Exception], tuple[int, str, str]] = {
+    images.EmptyImageError: (422, "Empty image", "empty-image"),
+    images.InvalidImageError: (422, "Invalid image", "invalid-image"),
+    images.ImageTooLargeError: (413, "Image too large", "image-too-large"),
+    images.UnsupportedImageError: (415, "Unsupported media type", "unsupported-image"),
+    images.CorruptImageError: (422, "Corrupt image", "corrupt-image"),
+    images.InvalidImageArrayError: (422, "Invalid image array", "invalid-image-array"),
+    images.InvalidPixelValuesError: (422, "Invalid pixel values", "invalid-pixel-values"),
+    QueueFullError: (429, "Too many requests", "queue-full"),
+    BusyError: (429, "Too many requests", "queue-full"),
+    NotReadyError: (503, "Not ready", "not-ready"),
+    UnknownModelError: (404, "Unknown model", "unknown-model"),
+}
+DOMAIN_ERRORS = tuple(DOMAIN_PROBLEMS)  # for `except` clauses of code that answers in another form (/v2)
+# Answers that tell the client when to come back: Retry-After, from the settings.
+_RETRY_LATER = (QueueFullError, BusyError, NotReadyError)
+
+
+def problem_for(exc: Exception, retry_after_s: int | None = None) -> ProblemError:
+    """The problem that answers the domain error `exc` (a key of DOMAIN_PROBLEMS, or a subclass)."""
+    for cls in type(exc).__mro__:
+        if cls in DOMAIN_PROBLEMS:
+            status, title, slug = DOMAIN_PROBLEMS[cls]
+            break
+    else:
+        raise TypeError(f"{type(exc).__name__} is not a domain error") from exc
+    detail = f"{exc}; retry later" if isinstance(exc, QueueFullError) else str(exc)
+    headers = ({"Retry-After": str(retry_after_s)} if retry_after_s is not None and isinstance(exc, _RETRY_LATER)
+               else None)
+    return ProblemError(status, title, detail, slug=slug, headers=headers)
+
+
+def non_finite_problem(e: NonFiniteOutputError, source: str, advice: str) -> ProblemError:
+    """422 saying which input (`source`) gave a non-finite `e.output`, and what to change (`advice`)."""
+    return ProblemError(422, "Non-finite result", f"{source}: the model's {e.output} is not finite (NaN or "
+                        f"infinite) for this input; {advice}", slug="non-finite-result", output=e.output)
 
 
 def problem_body(status: int, title: str, detail: str, slug: str, **extra: Any) -> dict:
@@ -101,6 +155,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _problem(request: Request, exc: ProblemError):
         return problem_response(exc.status, exc.title, exc.detail, exc.slug, headers=exc.headers, **exc.extra)
 
+    async def _domain(request: Request, exc: Exception):
+        p = problem_for(exc, request.app.state.settings.retry_after_s)
+        return problem_response(p.status, p.title, p.detail, p.slug, headers=p.headers)
+
+    for cls in (images.ImageError, QueueFullError, BusyError, NotReadyError, UnknownModelError):
+        app.add_exception_handler(cls, _domain)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         p = invalid_request(exc.errors())
@@ -108,8 +169,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        from service.middleware import BodyTooLargeError
-
         if isinstance(exc.__cause__, BodyTooLargeError):  # FastAPI wraps body-read errors in a 400
             return problem_response(413, "Content too large", "the request body is larger than the size limit",
                                     "content-too-large")

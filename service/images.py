@@ -1,14 +1,14 @@
 """Images in and out: decode and validate uploads (Pillow), JSON pixel arrays, resizing, PNG grids.
 
 Every image becomes float32 intensities in [0, 1], flattened row-major, ink = 1 (models/README.md), with
-the model's channels (service/pixels.py): a grayscale model gets colour converted to gray, a colour model
+the model's channels (model_repository/pixels.py): a grayscale model gets colour converted to gray, a colour model
 gets every image as RGB, flattened with the channels interleaved (row-major H x W x C). `invert` maps
 x -> 1 - x for dark ink on a light background. Other sizes are resized (Lanczos, aspect ratio not kept) to
 the model's.
 
 Plain 8-bit grayscale PNGs, what Pillow, torchvision and most digit tools write, take a shorter road
-(`_png_gray8`): libspng through pyspng decodes them in about a sixth of the time Pillow's Python layer
-takes, on the event loop of POST /encode. Pillow stays the reference for every other file and for any
+(`_png_gray8`): libspng through pyspng decodes them several times faster than Pillow's Python layer, on
+the event loop of POST /encode (docs/benchmarks.md). Pillow stays the reference for every other file and for any
 damage: the fast path only accepts files that Pillow decodes to the same pixels (tests/service/test_images.py).
 """
 
@@ -26,13 +26,45 @@ import numpy as np
 import pyspng
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import ProblemError
-from service.pixels import as_channels, resize, to_float
+from model_repository.pixels import as_channels, resize, to_float
 
 # Formats accepted (Pillow format names; multi-picture JPEGs open through the JPEG plugin).
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 FORMATS_TEXT = "PNG, JPEG, BMP, GIF, TIFF or WebP"
 Image.init()  # register every plugin, so that Image.open(formats=FORMATS) knows them all
+
+
+class ImageError(Exception):
+    """A client's image that cannot be used; the message names it (file name or images[i]) and says what
+    is expected. Answered as a problem by service/errors.py, which gives each kind its HTTP status."""
+
+
+class EmptyImageError(ImageError):
+    """A file of no bytes."""
+
+
+class InvalidImageError(ImageError):
+    """A declared size of zero."""
+
+
+class ImageTooLargeError(ImageError):
+    """More pixels than the limit (refused before decoding)."""
+
+
+class UnsupportedImageError(ImageError):
+    """Not a file of FORMATS."""
+
+
+class CorruptImageError(ImageError):
+    """Truncated or damaged data."""
+
+
+class InvalidImageArrayError(ImageError):
+    """A JSON image of the wrong shape."""
+
+
+class InvalidPixelValuesError(ImageError):
+    """Pixel values that are not numbers in [0, 1]."""
 
 
 @dataclass
@@ -111,13 +143,13 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 
 def declared_size(data: bytes, source: str, *, max_pixels: int) -> tuple[int, int]:
     """(width, height) an image file declares, read from its header without decoding (Pillow's lazy open
-    for formats other than PNG); ProblemError 415/422 when it is no image Pillow can identify."""
+    for formats other than PNG); UnsupportedImageError or another ImageError when it is no
+    image Pillow can identify."""
     size = png_size(data)
     if size is not None:
         return size
     if not data:
-        raise ProblemError(422, "Empty image", f"{source}: the file is empty (expected a {FORMATS_TEXT} image)",
-                           slug="empty-image")
+        raise EmptyImageError(f"{source}: the file is empty (expected a {FORMATS_TEXT} image)")
     with _pillow_errors(source, max_pixels):
         return Image.open(io.BytesIO(data), formats=FORMATS).size
 
@@ -133,7 +165,7 @@ def decode_plain_png(data: bytes, *, max_pixels: int) -> np.ndarray | None:
 
 def decode_image(data: bytes, source: str, *, max_pixels: int, channels: int = 1) -> np.ndarray:
     """Bytes of an image file -> float32 [H, W] (channels = 1) or [H, W, 3] (channels = 3) in [0, 1];
-    ProblemError (413/415/422) otherwise."""
+    an ImageError otherwise."""
     pixels = _png_gray8(data, max_pixels)
     if pixels is not None:
         return as_channels(pixels, channels)
@@ -143,19 +175,16 @@ def decode_image(data: bytes, source: str, *, max_pixels: int, channels: int = 1
 def decode_with_pillow(data: bytes, source: str, *, max_pixels: int, channels: int = 1) -> np.ndarray:
     """`decode_image` for any file Pillow reads (the reference decoder)."""
     if not data:
-        raise ProblemError(422, "Empty image", f"{source}: the file is empty (expected a {FORMATS_TEXT} image)",
-                           slug="empty-image")
+        raise EmptyImageError(f"{source}: the file is empty (expected a {FORMATS_TEXT} image)")
     with _pillow_errors(source, max_pixels), warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data), formats=FORMATS)
         width, height = img.size  # declared in the header; nothing is decoded yet
         if width < 1 or height < 1:
-            raise ProblemError(422, "Invalid image", f"{source}: declared size {width}x{height}",
-                               slug="invalid-image")
+            raise InvalidImageError(f"{source}: declared size {width}x{height}")
         if width * height > max_pixels:
-            raise ProblemError(413, "Image too large",
-                               f"{source}: declares {width}x{height} = {width * height} pixels, more than the "
-                               f"limit of {max_pixels} (refused before decoding)", slug="image-too-large")
+            raise ImageTooLargeError(f"{source}: declares {width}x{height} = {width * height} pixels, more than the "
+                               f"limit of {max_pixels} (refused before decoding)")
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated GIF / multi-page TIFF: the first frame
         img.load()
@@ -164,23 +193,21 @@ def decode_with_pillow(data: bytes, source: str, *, max_pixels: int, channels: i
 
 @contextlib.contextmanager
 def _pillow_errors(source: str, max_pixels: int):
-    """Pillow's errors on a client's file -> ProblemError 413/415/422."""
+    """Pillow's errors on a client's file -> ImageError."""
     try:
         yield
-    except ProblemError:
+    except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ProblemError(413, "Image too large", f"{source}: {e} (refused before decoding; the limit "
-                           f"is {max_pixels} pixels)", slug="image-too-large") from e
+        raise ImageTooLargeError(f"{source}: {e} (refused before decoding; the limit "
+                           f"is {max_pixels} pixels)") from e
     except UnidentifiedImageError as e:
-        raise ProblemError(415, "Unsupported media type",
-                           f"{source}: not a {FORMATS_TEXT} image that Pillow can identify",
-                           slug="unsupported-image") from e
+        raise UnsupportedImageError(f"{source}: not a {FORMATS_TEXT} image that Pillow can identify") from e
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
             struct.error, MemoryError, ZeroDivisionError, OverflowError, RuntimeError) as e:
         # Truncated or corrupt data: Pillow raises a variety of errors from its decoders.
-        raise ProblemError(422, "Corrupt image", f"{source}: the image could not be decoded ({type(e).__name__}: "
-                           f"{str(e)[:200]}); expected a complete {FORMATS_TEXT} file", slug="corrupt-image") from e
+        raise CorruptImageError(f"{source}: the image could not be decoded ({type(e).__name__}: "
+                           f"{str(e)[:200]}); expected a complete {FORMATS_TEXT} file") from e
 
 
 def prepare(pixels: np.ndarray, shape: tuple[int, int], *, invert: bool, source: str, channels: int = 1
@@ -208,8 +235,8 @@ def json_image_size(values, shape: tuple[int, int], index: int, channels: int = 
     flat D = H * W * 3 list (row-major, channels interleaved).
 
     Each row must be an array of numbers (a string or a boolean is no intensity; for colour, of arrays of
-    3 numbers) of the same length; a flat array needs exactly D numbers. ProblemError 422 otherwise,
-    naming the first fault.
+    3 numbers) of the same length; a flat array needs exactly D numbers. InvalidImageArrayError or
+    InvalidPixelValuesError otherwise, naming the first fault.
     """
     source = f"images[{index}]"
     H, W = shape
@@ -220,23 +247,21 @@ def json_image_size(values, shape: tuple[int, int], index: int, channels: int = 
         expected = (f"expected {H} rows of {W} pixels, each pixel [R, G, B], or {D} numbers (row-major, channels "
                     "interleaved), each in [0, 1]")
     if not isinstance(values, list) or not values:
-        raise ProblemError(422, "Invalid image array", f"{source}: not a non-empty array; {expected}",
-                           slug="invalid-image-array")
+        raise InvalidImageArrayError(f"{source}: not a non-empty array; {expected}")
     if not isinstance(values[0], list):  # flat
         _check_numbers(values, source, expected)
         if len(values) != D:
             size = f"{H}x{W}" + (f"x{channels}" if channels > 1 else "")
-            raise ProblemError(422, "Invalid image array", f"{source}: a flat image needs exactly D = {D} "
+            raise InvalidImageArrayError(f"{source}: a flat image needs exactly D = {D} "
                                f"values ({size}), got {len(values)}; send an H x W{' x 3' if channels > 1 else ''} "
-                               "array to have it resized", slug="invalid-image-array")
+                               "array to have it resized")
         return H, W
     w = len(values[0])
     for r, row in enumerate(values):
         if not isinstance(row, list) or len(row) != w or w == 0:
             got = f"{len(row)} values" if isinstance(row, list) else _a(row)
-            raise ProblemError(422, "Invalid image array", f"{source}[{r}]: not a rectangular array (rows must be "
-                               f"non-empty arrays of one length, {w} as the first row), got {got}; {expected}",
-                               slug="invalid-image-array")
+            raise InvalidImageArrayError(f"{source}[{r}]: not a rectangular array (rows must be "
+                               f"non-empty arrays of one length, {w} as the first row), got {got}; {expected}")
         if channels == 1:
             _check_numbers(row, f"{source}[{r}]", expected)
         else:
@@ -248,16 +273,16 @@ def _check_rgb(row: list, where: str, expected: str) -> None:
     for c, pixel in enumerate(row):
         if not isinstance(pixel, list) or len(pixel) != 3:
             got = f"{len(pixel)} values" if isinstance(pixel, list) else _a(pixel)
-            raise ProblemError(422, "Invalid image array", f"{where}[{c}]: a pixel of a colour model must be an "
-                               f"array of 3 numbers [R, G, B], got {got}; {expected}", slug="invalid-image-array")
+            raise InvalidImageArrayError(f"{where}[{c}]: a pixel of a colour model must be an "
+                               f"array of 3 numbers [R, G, B], got {got}; {expected}")
         _check_numbers(pixel, f"{where}[{c}]", expected)
 
 
 def _check_numbers(row: list, where: str, expected: str) -> None:
     if not _NUMBER_TYPES.issuperset(map(type, row)):
         bad = next(v for v in row if type(v) not in _NUMBER_TYPES)
-        raise ProblemError(422, "Invalid pixel values", f"{where}: pixels must be numbers, got {_a(bad)}; "
-                           f"{expected}", slug="invalid-pixel-values")
+        raise InvalidPixelValuesError(f"{where}: pixels must be numbers, got {_a(bad)}; "
+                           f"{expected}")
 
 
 def _json_type(value) -> str:
@@ -271,7 +296,7 @@ def _a(value) -> str:
 
 
 def json_image(values: list, shape: tuple[int, int], index: int, channels: int = 1) -> np.ndarray:
-    """One JSON image (see `json_image_size`) -> float32 [h, w] (or [h, w, 3]); ProblemError 422 when malformed."""
+    """One JSON image (see `json_image_size`) -> float32 [h, w] (or [h, w, 3]); an ImageError when malformed."""
     source = f"images[{index}]"
     h, w = json_image_size(values, shape, index, channels)
     try:  # row by row: in a worker thread, each row is a point where the event loop can take the GIL back
@@ -282,14 +307,13 @@ def json_image(values: list, shape: tuple[int, int], index: int, channels: int =
         else:
             a.reshape(-1)[:] = values
     except (ValueError, TypeError, OverflowError) as e:  # an integer beyond float range
-        raise ProblemError(422, "Invalid pixel values", f"{source}: a value is not a finite number in [0, 1]",
-                           slug="invalid-pixel-values") from e
+        raise InvalidPixelValuesError(f"{source}: a value is not a finite number in [0, 1]") from e
     if not np.isfinite(a).all():
-        raise ProblemError(422, "Invalid pixel values", f"{source}: NaN or infinite values (expected intensities "
-                           "in [0, 1])", slug="invalid-pixel-values")
+        raise InvalidPixelValuesError(f"{source}: NaN or infinite values (expected intensities "
+                           "in [0, 1])")
     if a.min() < 0.0 or a.max() > 1.0:
-        raise ProblemError(422, "Invalid pixel values", f"{source}: values must lie in [0, 1] (ink = 1), got "
-                           f"min {a.min():.4g}, max {a.max():.4g}", slug="invalid-pixel-values")
+        raise InvalidPixelValuesError(f"{source}: values must lie in [0, 1] (ink = 1), got "
+                           f"min {a.min():.4g}, max {a.max():.4g}")
     return a.astype(np.float32)
 
 

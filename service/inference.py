@@ -1,8 +1,8 @@
 """The inference handlers' shared steps after their inputs are read: admission, running a graph, responses.
 
-`run` and `admit` hold the request's work under the shared budget (service/admission.py) and turn a
-full queue into 429; `image_response` answers images as PNG or JSON, encoded off the event loop when
-large (service/postprocess.py).
+`run` and `admit` hold the request's work under the shared budget (service/admission.py; a full budget
+or queue is answered 429 by service/errors.py); `image_response` answers images as PNG or JSON, encoded
+off the event loop when large (service/postprocess.py).
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 
+from service import images as img
 from service import postprocess as post
 from service.admission import cancelled_on_disconnect
 from service.errors import ProblemError
-from service.runtime import LoadedModel, QueueFullError, Runtime
+from service.runtime import LoadedModel, Runtime
 from service.settings import Settings
 
 
@@ -39,8 +40,18 @@ def png_checked(request: Request, model: LoadedModel, fmt: str | None, default: 
         if scale > settings.max_png_scale:
             raise ProblemError(422, "Invalid scale", f"scale must be <= {settings.max_png_scale}, got {scale}",
                                slug="invalid-parameter")
-        post.check_png_size(n, model.card.image_shape, scale, settings.max_response_pixels)
+        check_png_size(n, model.card.image_shape, scale, settings.max_response_pixels)
     return png
+
+
+def check_png_size(n: int, shape: tuple[int, int], scale: int, max_pixels: int) -> None:
+    """413 before any work when the PNG of `n` images at `scale` would have more than `max_pixels` pixels."""
+    h, w = img.grid_shape(n, *shape)
+    pixels = h * w * scale * scale
+    if pixels > max_pixels:
+        raise ProblemError(413, "Response image too large", f"a PNG of {n} images at scale {scale} would be "
+                           f"{w * scale} x {h * scale} = {pixels} pixels; the limit is {max_pixels}: ask for fewer "
+                           "images, a smaller scale, or format=json", slug="response-too-large")
 
 
 async def image_response(request: Request, model: LoadedModel, x: np.ndarray, png: bool, scale: int,
@@ -55,7 +66,7 @@ async def image_response(request: Request, model: LoadedModel, x: np.ndarray, pn
 
 
 async def admit(request: Request, model: LoadedModel, cost: int, work: Callable[[], Awaitable]):
-    """`work()` admitted under the shared work budget (service/admission.py); 429 when the budget or a queue is full."""
+    """`work()` admitted under the shared work budget (service/admission.py)."""
     runtime: Runtime = request.app.state.runtime
     settings: Settings = request.app.state.settings
     runtime.budget.acquire(cost, model.name)
@@ -63,8 +74,6 @@ async def admit(request: Request, model: LoadedModel, cost: int, work: Callable[
         if cost <= settings.max_batch_size:  # not worth a watcher task: see service/admission.py
             return await work()
         return await cancelled_on_disconnect(request, work)
-    except QueueFullError as e:
-        raise _queue_full(e, settings) from e
     finally:
         runtime.budget.release(cost)
         runtime.trimmer.after(cost)
@@ -84,12 +93,5 @@ async def run(request: Request, model: LoadedModel, role: str, inputs: dict[str,
     runtime.budget.acquire(cost, model.name)
     try:
         return await runner.run(inputs, post=post_fn)
-    except QueueFullError as e:
-        raise _queue_full(e, settings) from e
     finally:
         runtime.budget.release(cost)
-
-
-def _queue_full(e: QueueFullError, settings: Settings) -> ProblemError:
-    return ProblemError(429, "Too many requests", f"{e}; retry later", slug="queue-full",
-                        headers={"Retry-After": str(settings.retry_after_s)})

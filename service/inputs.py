@@ -41,7 +41,7 @@ INLINE_PIXELS = 64 * 32 * 32
 INLINE_JSON_BYTES = 2 * INLINE_PIXELS
 
 # Query parameters whose upper bound is a setting (parameter -> setting), checked by `read_query` and
-# written into the OpenAPI schema by service/api_schema.py, so that both say the live value.
+# written into the OpenAPI schema by service/openapi.py, so that both say the live value.
 QUERY_LIMITS = {"n": "max_samples", "samples": "max_importance_samples", "temperature": "max_temperature",
                 "scale": "max_png_scale"}
 
@@ -60,9 +60,9 @@ def read_query(request: Request, params: type[Q]) -> Q:
     """The request's query string validated by `params` (service/schemas.py); 422 naming the parameter.
 
     The inference endpoints read their query parameters with this instead of declaring each one as a
-    FastAPI parameter: FastAPI's per-parameter solving cost about a sixth of POST /encode's time on the
-    event loop, more than one pydantic validation of the whole query (docs/benchmarks.md). The routes
-    declare the same parameters in OpenAPI (service/api_schema.py), so /docs and schemathesis see them
+    FastAPI parameter: FastAPI's per-parameter solving cost POST /encode more time on the event loop than
+    one pydantic validation of the whole query (docs/benchmarks.md). The routes
+    declare the same parameters in OpenAPI (service/openapi.py), so /docs and schemathesis see them
     with the limits of the live Settings.
     """
     # What request.query_params holds (Starlette parses the same way), without building its multi-dict;
@@ -152,7 +152,7 @@ def _json_images(body: bytes, ctype: str, settings: Settings, shape: tuple[int, 
     # worker thread, and the count bounds how long (about 1.5 MB of JSON at the default max_json_pixels).
     payload = parse_json(body, ctype, IMAGES_EXPECTED)
     if isinstance(payload, dict) and isinstance(payload.get("images"), list):
-        _check_count(len(payload["images"]), settings)  # before validating thousands of images
+        check_count(len(payload["images"]), settings)  # before validating thousands of images
     parsed = _validated(ImagesJSON, payload, IMAGES_EXPECTED)
     sizes = [img.json_image_size(values, shape, i, channels) for i, values in enumerate(parsed.images)]
     _check_pixels([(w, h) for h, w in sizes], [f"images[{i}]" for i in range(len(sizes))], settings)
@@ -201,7 +201,7 @@ def _image_parts(body: bytes, content_type: str, settings: Settings) -> list[tup
         names = sorted({p.name or "(unnamed)" for p in parts})
         raise ProblemError(422, "No images", f"expected file parts named 'images', got parts {names}",
                            slug="no-images")
-    _check_count(len(images), settings)
+    check_count(len(images), settings)
     for i, p in enumerate(images):
         if p.filename is None:
             raise ProblemError(422, "Not a file", f"part images[{i}] is a text field; send each image as a file "
@@ -209,7 +209,7 @@ def _image_parts(body: bytes, content_type: str, settings: Settings) -> list[tup
     return [(p.data, p.filename or f"images[{i}]") for i, p in enumerate(images)]
 
 
-def _check_count(n: int, settings: Settings) -> None:
+def check_count(n: int, settings: Settings) -> None:
     if n == 0:
         raise ProblemError(422, "Empty request", "no images in the request (expected at least one)",
                            slug="empty-request")

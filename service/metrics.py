@@ -27,8 +27,6 @@ class Metrics:
                                  "response sent)", ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("latentserve_errors", "requests answered 4xx/5xx, by endpoint, model and status",
                               ["endpoint", "model", "status"], registry=r)
-        self.request_items = Histogram("latentserve_request_items", "images / codes / samples per request",
-                                       ["endpoint", "model"], buckets=ROW_BUCKETS, registry=r)
         self.batch_rows = Histogram("latentserve_batch_size", "rows per ONNX Runtime call (after merging)",
                                     ["model", "graph"], buckets=ROW_BUCKETS, registry=r)
         self.batch_requests = Histogram("latentserve_batch_requests", "requests merged into one ONNX Runtime call",

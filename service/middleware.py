@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from service import web
-from service.errors import problem_bytes
+from service.errors import BodyTooLargeError, problem_bytes
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
@@ -109,10 +109,6 @@ class APIKeyMiddleware:
         await send_problem(send, 401, "Unauthorized", "this endpoint needs the API key: send it in the X-API-Key "
                            "header or as Authorization: Bearer <key>", "unauthorized",
                            [(b"www-authenticate", b'Bearer realm="latentserve"')])
-
-
-class BodyTooLargeError(Exception):
-    pass
 
 
 class BodySizeLimitMiddleware:

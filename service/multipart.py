@@ -2,7 +2,8 @@
 
 The service reads an upload's body at once (its size is capped by the body-size middleware before
 a byte is read), so a streaming parser buys nothing here and costs a Python callback per header
-field: Starlette's form parser took about a third of the time of POST /encode with one small PNG.
+field: Starlette's form parser was a large share of POST /encode's time with one small PNG
+(docs/benchmarks.md).
 This one finds the delimiters with ``bytes.find`` and hands back the parts as they are.
 
     parts = parse(body, boundary(content_type_header), max_parts=80)

@@ -21,11 +21,12 @@ import numpy as np
 import orjson
 from fastapi.responses import Response
 
+from model_repository.graphs import FLOW_PARAMS, FLOWED_MEAN, encoder_outputs
 from service import images as img
-from service.errors import ProblemError
+from service.numerics import planar_flow
 
 T = TypeVar("T")
-# Numbers a response may hold and still be encoded on the event loop (about 0.1 ms of work).
+# Numbers a response may hold and still be encoded on the event loop: less work than a thread hop costs it.
 INLINE_VALUES = 16384
 
 
@@ -46,20 +47,6 @@ def check_finite(outputs: dict[str, np.ndarray], names) -> None:
             raise NonFiniteOutputError(name, int(np.argmax(bad)))
 
 
-def non_finite_problem(e: NonFiniteOutputError, source: str, advice: str) -> ProblemError:
-    """422 saying which input (`source`) gave a non-finite `e.output`, and what to change (`advice`)."""
-    return ProblemError(422, "Non-finite result", f"{source}: the model's {e.output} is not finite (NaN or "
-                        f"infinite) for this input; {advice}", slug="non-finite-result", output=e.output)
-
-
-def planar_flow(z: np.ndarray, u: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """z_K = f_K(...f_1(z)), f_k(z) = z + u_k tanh(w_k^T z + b_k) (models/README.md), row by row."""
-    for k in range(u.shape[1]):
-        a = np.einsum("nd,nd->n", w[:, k], z) + b[:, k]
-        z = z + u[:, k] * np.tanh(a)[:, None]
-    return z
-
-
 def finite_post(names: list[str]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """A `post` that only checks that `names` are finite."""
 
@@ -74,14 +61,14 @@ def encoder_post(flows: bool) -> Callable[[dict[str, np.ndarray]], dict[str, np.
     """The encoder's `post`: every output finite, and for flow models z_k (the mean through the flows).
 
     Encoders exported with a `z_k` output (models/README.md) give it; for older ones it is computed here,
-    row by row in numpy: about 45 us per request, which at thousands of requests a second competes with the
-    event loop for the GIL (docs/benchmarks.md, "Service load (POST /encode, flow-vae-mnist)").
+    in the inference thread: row by row in numpy it competes with the event loop for the GIL at thousands of
+    requests a second, which is why new exports compute it in the graph.
     """
-    names = ["mean", "log_var", *(["flow_u", "flow_w", "flow_b", "z_k"] if flows else [])]
+    names = encoder_outputs(flows)
 
     def post(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if flows and "z_k" not in out:
-            out["z_k"] = planar_flow(out["mean"], out["flow_u"], out["flow_w"], out["flow_b"])
+        if flows and FLOWED_MEAN not in out:
+            out[FLOWED_MEAN] = planar_flow(out["mean"], *(out[name] for name in FLOW_PARAMS))
         check_finite(out, names)
         return out
 
@@ -100,16 +87,6 @@ def decoder_post(shape: tuple[int, ...]) -> Callable[[dict[str, np.ndarray]], np
         return np.clip(out["x_mean"], 0.0, 1.0).reshape(-1, *shape)
 
     return post
-
-
-def check_png_size(n: int, shape: tuple[int, int], scale: int, max_pixels: int) -> None:
-    """413 before any work when the PNG of `n` images at `scale` would have more than `max_pixels` pixels."""
-    h, w = img.grid_shape(n, *shape)
-    pixels = h * w * scale * scale
-    if pixels > max_pixels:
-        raise ProblemError(413, "Response image too large", f"a PNG of {n} images at scale {scale} would be "
-                           f"{w * scale} x {h * scale} = {pixels} pixels; the limit is {max_pixels}: ask for fewer "
-                           "images, a smaller scale, or format=json", slug="response-too-large")
 
 
 class Offload:
@@ -136,6 +113,14 @@ class Offload:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def json_response(content: dict, status_code: int = 200) -> Response:
+    """`content` (numpy arrays allowed) as JSON, encoded here, on the loop (small answers: see `Offload`).
+
+    Returning a Response skips FastAPI's re-validation of the result against the route's response_model.
+    """
+    return Response(dumps(content), status_code=status_code, media_type="application/json")
 
 
 def dumps(content: dict) -> bytes:

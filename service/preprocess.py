@@ -8,20 +8,17 @@ answered here are the pixels those endpoints evaluate for the same file: nothing
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from service.api_schema import _IMAGE_BODY, _query_openapi
-from service.inputs import read_images, read_query
+from service.context import resolve_model
+from service.endpoint import Endpoints
+from service.inputs import read_images
+from service.numerics import binarize
+from service.openapi import IMAGE_BODY
 from service.schemas import ImageInfo, Invert, ModelQuery
 from service.settings import Settings
-
-# The threshold /log-likelihood applies to a Bernoulli model's input (service/app.py `log_likelihood`).
-BINARY_THRESHOLD = 0.5
 
 
 class PreprocessQuery(ModelQuery):
@@ -46,38 +43,26 @@ class PreprocessResponse(BaseModel):
     results: list[PreprocessResult]
 
 
-RESPONSES = {code: {"description": text} for code, text in (
-    (400, "Malformed request (multipart syntax, Content-Length)"),
-    (401, "API key missing or wrong (when the service has one)"), (404, "Unknown model"),
-    (413, "Body, image or request too large"), (415, "Unsupported media type (request body or image format)"),
-    (422, "Invalid input: says what was expected"), (503, "Models not loaded yet"))}
+endpoints = Endpoints()
 
 
-def add_route(app, resolve_model: Callable) -> None:
-    """Add POST /preprocess to `app`; `resolve_model(request, name)` is the service's model lookup."""
-
-    async def preprocess(request: Request) -> Response:
-        """The pixels the model sees for each image: converted to its channels, resized to its image_shape,
-        inverted on request and, for Bernoulli models (binarize=true, the default), thresholded at 0.5 as
-        /log-likelihood evaluates them. Images as for /encode (file parts named `images`, or JSON)."""
-        q = read_query(request, PreprocessQuery)
-        model = resolve_model(request, q.model)
-        settings: Settings = request.app.state.settings
-        card = model.card
-        prepared = await read_images(request, settings, model, q.invert)
-        request.state.batch_size = len(prepared)
-        binarized = card.likelihood == "bernoulli" and q.binarize
-        results = []
-        for p in prepared:
-            x = p.x.reshape(card.pixel_shape)
-            if binarized:
-                x = (x >= BINARY_THRESHOLD).astype(np.float32)
-            results.append({"source": p.source, "original_shape": list(p.original_shape), "resized": p.resized,
-                            "x": x})
-        content = {"model": model.name, "image_shape": list(card.image_shape), "channels": card.channels,
-                   "likelihood": card.likelihood, "inverted": q.invert, "binarized": binarized, "results": results}
-        return await request.app.state.runtime.offload.json(content, len(prepared) * card.data_dim)
-
-    app.add_api_route("/preprocess", preprocess, methods=["POST"], response_model=PreprocessResponse,
-                      tags=["inference"], responses=RESPONSES, summary="images -> the pixels the model sees",
-                      openapi_extra=_query_openapi(PreprocessQuery, **_IMAGE_BODY))
+@endpoints.post("/preprocess", query=PreprocessQuery, body=IMAGE_BODY, response=PreprocessResponse,
+                errors=(400, 404, 413, 415, 422, 503), summary="images -> the pixels the model sees")
+async def preprocess(request: Request, q: PreprocessQuery) -> Response:
+    """The pixels the model sees for each image: converted to its channels, resized to its image_shape,
+    inverted on request and, for Bernoulli models (binarize=true, the default), thresholded at 0.5 as
+    /log-likelihood evaluates them. Images as for /encode (file parts named `images`, or JSON)."""
+    model = resolve_model(request, q.model)
+    settings: Settings = request.app.state.settings
+    card = model.card
+    prepared = await read_images(request, settings, model, q.invert)
+    request.state.batch_size = len(prepared)
+    binarized = card.likelihood == "bernoulli" and q.binarize
+    results = []
+    for p in prepared:
+        x = p.x.reshape(card.pixel_shape)
+        results.append({"source": p.source, "original_shape": list(p.original_shape), "resized": p.resized,
+                        "x": binarize(x) if binarized else x})
+    content = {"model": model.name, "image_shape": list(card.image_shape), "channels": card.channels,
+               "likelihood": card.likelihood, "inverted": q.invert, "binarized": binarized, "results": results}
+    return await request.app.state.runtime.offload.json(content, len(prepared) * card.data_dim)

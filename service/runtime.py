@@ -1,331 +1,32 @@
-"""ONNX Runtime sessions (one per graph) behind a dynamic micro-batcher.
+"""The loaded models: every valid folder of the repository, its graphs' ONNX Runtime sessions behind their
+batchers (service/batcher.py), checked against the contract at load time and warmed up.
 
-Each graph of each model gets a :class:`GraphRunner`. With batching on, concurrent requests to the
-same graph wait in a bounded queue; worker tasks take what is queued (up to `max_batch_size` rows,
-waiting at most `max_queue_delay_ms` for more), concatenate it along the batch axis, run ONNX
-Runtime once in a thread pool (never on the event loop) and hand each request its rows. When a
-merged call fails, its requests are rerun one by one so that one bad request fails alone. A full
-queue raises :class:`QueueFullError` (answered 429 with Retry-After).
-
-Identical results, batched or not: some ONNX Runtime kernels (ReduceSum, as in the planar flows and
-PPCA's log-likelihood) vectorize differently depending on the batch length or a row's position, which
-changes a row's result in the last bits. So every ONNX Runtime call has the same number of rows
-(`batch_pad_multiple`, zero-padded; a merged batch is several such calls within one worker turn), and at
-warm-up each graph is probed: if a row's result still depends on its neighbours, that graph runs one
-row per call. Either way a row's result depends only on the row itself (checked by the tests). The bound
-graph's rows are big (an image with a slice of its samples: service/bound.py), so it always runs one
-row per call and pads nothing.
-
-Each request can hand the runner a `post` function that runs on its own outputs in the inference
-thread (service/postprocess.py): merging, slicing and post-processing never run on the event loop.
+A folder that fails in any way (a malformed card, a graph ONNX Runtime cannot load or run, inputs or
+outputs other than the contract's, no dynamic batch axis) is listed broken with its reason and never stops
+the others; the reasons shown to clients hold no server path (service/repository.py public_reason).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
+from model_repository.card import ModelCard, ModelRepositoryError
+from model_repository.graphs import EPS, FLOW_PARAMS, GRAPHS, X, Z
 from service.admission import WorkBudget
+from service.batcher import GraphRunner, session_options
 from service.memory import Trimmer
 from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, Offload
-from service.repository import ModelCard, ModelRepositoryError, discover_models, public_reason
+from service.repository import discover_models, public_reason
 from service.settings import PREFERRED_DEFAULTS, Settings
 
 log = logging.getLogger("service.runtime")
-
-# role -> (inputs, required outputs) per models/README.md
-CONTRACT = {
-    "encoder": (["x"], ["mean", "log_var"]),
-    "decoder": (["z"], ["x_mean"]),
-    "bound": (["x", "eps"], ["log_w"]),
-    "loglik": (["x"], ["log_px"]),
-}
-FLOW_OUTPUTS = ["flow_u", "flow_w", "flow_b"]
-# Bound-graph calls of more samples than this shrink ONNX Runtime's arena afterwards. Shrinking costs about
-# half of a 1000-sample call (docs/benchmarks.md, "Service: heavy requests"); what a smaller call leaves in
-# the arena (a few MB) is reused by the next one.
-SHRINK_ABOVE_SAMPLES = 1024
-
-
-class QueueFullError(Exception):
-    def __init__(self, model: str, graph: str, size: int):
-        super().__init__(f"the queue of {model}/{graph} is full ({size} requests waiting)")
-        self.model, self.graph, self.size = model, graph, size
-
-
-def session_options(settings: Settings) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = settings.intra_op_threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting on a shared CPU
-    so.log_severity_level = 3
-    so.enable_cpu_mem_arena = settings.ort_cpu_arena
-    return so
-
-
-@dataclass
-class _Item:
-    inputs: dict[str, np.ndarray]
-    n: int
-    cost: int
-    key: tuple
-    future: asyncio.Future
-    post: Callable[[dict[str, np.ndarray]], Any] | None = None
-    enqueued: float = field(default_factory=time.perf_counter)
-
-
-class GraphRunner:
-    """One ONNX Runtime session and, with batching on, its queue and worker tasks.
-
-    A request may hand `run` a `post` function: it gets the request's own outputs (name -> rows) and
-    runs in the inference thread right after the call, so that request-dependent numpy work (the
-    planar flow, the bound's reductions) never runs on the event loop.
-    """
-
-    def __init__(self, model: str, role: str, session: ort.InferenceSession, *, settings: Settings,
-                 executor: ThreadPoolExecutor, metrics: Metrics, max_cost: int):
-        self.model, self.role, self.session = model, role, session
-        self.input_names = [i.name for i in session.get_inputs()]
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.settings, self.executor, self.metrics = settings, executor, metrics
-        self.max_cost = max_cost
-        # The bound graph's rows are big (one image with a slice of its samples: service/bound.py), so each
-        # of its calls is one row: nothing to pad, and a row's result cannot depend on neighbours it has none of.
-        self.pad = 1 if role == "bound" else settings.batch_pad_multiple
-        self.rows_per_call = self.pad
-        self._shrink = None
-        if role == "bound" and settings.ort_cpu_arena:
-            # Its large calls hand their memory back to malloc after each (then malloc_trim, service/memory.py),
-            # while smaller calls, and the other graphs' calls, keep the arena's speed (SHRINK_ABOVE_SAMPLES).
-            self._shrink = ort.RunOptions()
-            self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._carry: deque[_Item] = deque()
-        self._workers: list[asyncio.Task] = []
-        self._inflight = 0
-        self._last_batch = 1  # requests merged into the previous batch (see _collect)
-        self._labels = {"model": model, "graph": role}
-        self._m_rows = metrics.batch_rows.labels(**self._labels)
-        self._m_reqs = metrics.batch_requests.labels(**self._labels)
-        self._m_queue = metrics.queue_time.labels(**self._labels)
-        self._m_infer = metrics.inference_time.labels(**self._labels)
-        self._m_depth = metrics.queue_depth.labels(**self._labels)
-
-    def padded_rows(self, n: int) -> int:
-        """Rows that ONNX Runtime computes for a request of `n` rows run alone (padding included)."""
-        return -(-n // self.rows_per_call) * self.rows_per_call
-
-    # -- synchronous core (runs in the thread pool) ------------------------------------------------
-
-    def run_sync(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the session on `feeds` (batch axis 0) in calls of exactly `rows_per_call` rows (zero-padded)."""
-        t0 = time.perf_counter()
-        n = next(iter(feeds.values())).shape[0]
-        out, calls = self._call(feeds, self.rows_per_call)
-        self._m_infer.observe(time.perf_counter() - t0)
-        self._m_rows.observe(n)
-        return out
-
-    def _call(self, feeds: dict[str, np.ndarray], P: int) -> tuple[list[np.ndarray], int]:
-        n = next(iter(feeds.values())).shape[0]
-        padded = -(-n // P) * P
-        if padded != n:
-            feeds = {k: np.concatenate([v, np.zeros((padded - n, *v.shape[1:]), v.dtype)]) for k, v in feeds.items()}
-        options = self._shrink if self._shrink is not None and feeds["eps"].shape[1] > SHRINK_ABOVE_SAMPLES else None
-        if padded == P:
-            outs = self.session.run(self.output_names, feeds, options)
-        else:
-            parts = [self.session.run(self.output_names, {k: v[i:i + P] for k, v in feeds.items()}, options)
-                     for i in range(0, padded, P)]
-            outs = [np.concatenate(o) for o in zip(*parts, strict=True)]
-        return ([o[:n] for o in outs] if padded != n else outs), padded // P
-
-    def _run_items(self, items: list[_Item]) -> list[tuple[bool, Any]]:
-        """Run `items` as one merged call; per item (ok, its post(outputs) or its outputs, or its error)."""
-        if len(items) == 1:
-            merged = self.run_sync(items[0].inputs)
-        else:
-            merged = self.run_sync({k: np.concatenate([it.inputs[k] for it in items]) for k in items[0].inputs})
-        results, start = [], 0
-        for it in items:
-            out = dict(zip(self.output_names, (o[start:start + it.n] for o in merged), strict=True))
-            start += it.n
-            try:
-                results.append((True, it.post(out) if it.post is not None else out))
-            except Exception as e:  # noqa: BLE001 - that request's own failure, handed to it
-                results.append((False, e))
-        return results
-
-    def probe_rows_per_call(self, example: dict[str, np.ndarray]) -> int:
-        """The largest call size (of `pad`, 1) at which a row's result does not depend on its neighbours.
-
-        Runs `example` (hundreds of rows) row by row and in calls of `pad` rows at every offset;
-        keeps `pad` when every row comes out bit-identical, else falls back to one row per call.
-        """
-        P = self.pad
-        if P > 1:
-            single = [np.concatenate(o) for o in zip(*(self._call({k: v[i:i + 1] for k, v in example.items()}, P)[0]
-                                                       for i in range(len(example["x" if "x" in example else "z"]))),
-                                                     strict=True)]
-            for offset in range(P):
-                got, _ = self._call({k: v[offset:] for k, v in example.items()}, P)
-                if not all(np.array_equal(a, b[offset:]) for a, b in zip(got, single, strict=True)):
-                    log.info("%s/%s: results depend on the batch at %d rows per call; running one row per call",
-                             self.model, self.role, P)
-                    P = 1
-                    break
-        self.rows_per_call = P
-        return P
-
-    # -- async API ---------------------------------------------------------------------------------
-
-    async def run(self, inputs: dict[str, np.ndarray], cost: int | None = None,
-                  post: Callable[[dict[str, np.ndarray]], Any] | None = None) -> Any:
-        """Outputs by name for `inputs` (float32, batch axis 0), or `post(outputs)` when given.
-
-        Merged with concurrent calls when batching. Cancelling the caller drops its item if it has not
-        run yet (a failed sibling chunk, a client that went away): a worker skips cancelled items.
-        """
-        n = next(iter(inputs.values())).shape[0]
-        loop = asyncio.get_running_loop()
-        key = tuple((k, v.shape[1:]) for k, v in inputs.items())
-        item = _Item(inputs, n, cost or n, key, loop.create_future(), post)
-        if self._queue is None:  # batching off: one call per request, still bounded
-            if self._inflight >= self.settings.max_queue_size:
-                self.metrics.rejected.labels(**self._labels).inc()
-                raise QueueFullError(self.model, self.role, self._inflight)
-            self._inflight += 1
-            try:
-                self._m_reqs.observe(1)
-                [(ok, value)] = await loop.run_in_executor(self.executor, self._run_items, [item])
-            finally:
-                self._inflight -= 1
-            if not ok:
-                raise value
-            return value
-        if self._queue.qsize() + len(self._carry) >= self.settings.max_queue_size:
-            self.metrics.rejected.labels(**self._labels).inc()
-            raise QueueFullError(self.model, self.role, self._queue.qsize())
-        self._queue.put_nowait(item)
-        self._m_depth.inc()
-        return await item.future
-
-    def start(self, workers: int) -> None:
-        self._queue = asyncio.Queue()
-        self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{self.model}-{self.role}-{i}")
-                         for i in range(workers)]
-
-    async def stop(self) -> None:
-        for t in self._workers:
-            t.cancel()
-        for t in self._workers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # shutting down
-                await t
-        self._workers = []
-
-    async def _next(self, timeout: float | None) -> _Item | None:
-        """The next item still wanted (items whose caller was cancelled are dropped here, unrun)."""
-        while True:
-            item = await self._next_any(timeout)
-            if item is None or not item.future.done():
-                return item
-            self._m_depth.dec()
-
-    async def _next_any(self, timeout: float | None) -> _Item | None:
-        if self._carry:
-            return self._carry.popleft()
-        assert self._queue is not None
-        try:
-            if timeout is None:
-                return await self._queue.get()
-            if timeout <= 0:
-                return self._queue.get_nowait()
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except (asyncio.QueueEmpty, TimeoutError):
-            return None
-
-    async def _collect(self) -> list[_Item]:
-        first = await self._next(None)
-        batch, cost = [first], first.cost
-        deadline = time.perf_counter() + self.settings.max_queue_delay_ms / 1000.0
-        # Wait for more requests only under load (the previous batch merged several): a lone client
-        # would otherwise pay the whole queue delay on every request for nothing.
-        wait = self._last_batch > 1
-        skipped: list[_Item] = []
-        while cost < self.max_cost:
-            item = await self._next(0)  # whatever is queued already
-            if item is None:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0 or not wait:
-                    break
-                item = await self._next(remaining)
-                if item is None:
-                    break
-            if item.key != first.key:
-                skipped.append(item)  # another shape (e.g. another S): a later batch
-                continue
-            if cost + item.cost > self.max_cost:
-                skipped.append(item)
-                break
-            batch.append(item)
-            cost += item.cost
-        self._carry.extendleft(reversed(skipped))
-        self._last_batch = len(batch)
-        return batch
-
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._collect()
-            now = time.perf_counter()
-            self._m_depth.dec(len(batch))
-            batch = [it for it in batch if not it.future.done()]  # the caller went away meanwhile
-            if not batch:
-                continue
-            for it in batch:
-                self._m_queue.observe(now - it.enqueued)
-            self._m_reqs.observe(len(batch))
-            try:
-                try:
-                    results = await loop.run_in_executor(self.executor, self._run_items, batch)
-                except Exception:
-                    if len(batch) == 1:
-                        raise
-                    # Per-request isolation: rerun each request alone; only the failing ones fail.
-                    results = []
-                    for it in batch:
-                        try:
-                            results.extend(await loop.run_in_executor(self.executor, self._run_items, [it]))
-                        except Exception as e:  # noqa: BLE001 - handed to that request
-                            results.append((False, e))
-            except asyncio.CancelledError:
-                for it in batch:
-                    if not it.future.done():
-                        it.future.cancel()
-                raise
-            except Exception as exc:  # noqa: BLE001 - a lone request's failure, handed to it
-                results = [(False, exc)]
-            for it, (ok, value) in zip(batch, results, strict=True):
-                if it.future.done():
-                    continue
-                if ok:
-                    it.future.set_result(value)
-                else:
-                    it.future.set_exception(value)
 
 
 @dataclass
@@ -337,14 +38,14 @@ class LoadedModel:
     def name(self) -> str:
         return self.card.name
 
-    def summary(self) -> dict:
-        c = self.card
-        return {
-            "name": c.name, "kind": c.kind, "image_shape": list(c.image_shape), "channels": c.channels,
-            "data_dim": c.data_dim,
-            "latent_dim": c.latent_dim, "likelihood": c.likelihood, "flows": c.flows, "flow_type": c.flow_type,
-            "noise_variance": c.noise_variance, "metrics": c.metrics, "graphs": c.graphs,
-        }
+
+
+class NotReadyError(Exception):
+    """No model can be served yet (still loading, or none could be loaded); the message says which."""
+
+
+class UnknownModelError(Exception):
+    """A request named a model that is not loaded; the message lists the loaded ones, or why that one is not."""
 
 
 class Runtime:
@@ -361,6 +62,16 @@ class Runtime:
         self.budget = WorkBudget(settings.max_inflight_work, settings.retry_after_s, metrics)
         self.offload = Offload(settings.postprocess_workers, INLINE_VALUES)
         self.trimmer = Trimmer(self.offload.executor, settings.trim_after_work)
+
+    def model(self, name: str) -> LoadedModel:
+        """The loaded model called `name`; UnknownModelError naming the alternatives otherwise."""
+        if name in self.models:
+            return self.models[name]
+        if name in self.broken:
+            raise UnknownModelError(f"model {name!r} is unavailable: its folder failed validation "
+                                    f"({self.broken[name]})")
+        raise UnknownModelError(f"model {name!r} is not loaded; loaded models: "
+                                f"{', '.join(sorted(self.models)) or 'none'}")
 
     # -- loading (blocking: called in a thread) ----------------------------------------------------
 
@@ -393,11 +104,11 @@ class Runtime:
 
     def _load_model(self, card: ModelCard, so: ort.SessionOptions) -> LoadedModel:
         runners = {}
-        for role, fname in card.graphs.items():
-            if role not in CONTRACT:
+        for role in card.graphs:
+            if role not in GRAPHS:
                 continue
-            path: Path = card.path / fname
-            session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(card.graph_path(role)), sess_options=so,
+                                           providers=["CPUExecutionProvider"])
             _check_io(card, role, session)
             _check_runs(card, role, session)
             max_cost = self.settings.bound_chunk_rows if role == "bound" else self.settings.max_batch_size
@@ -425,11 +136,11 @@ class Runtime:
                 for n in (32 * self.settings.batch_pad_multiple + 3, 1, self.settings.max_batch_size):
                     feeds = {}
                     for name in runner.input_names:
-                        if name == "x":
+                        if name == X:
                             feeds[name] = rng.random((n, c.data_dim), dtype=np.float32)
-                        elif name == "z":
+                        elif name == Z:
                             feeds[name] = rng.standard_normal((n, c.latent_dim), dtype=np.float32)
-                        elif name == "eps":
+                        elif name == EPS:
                             feeds[name] = rng.standard_normal((n, 3, c.latent_dim), dtype=np.float32)
                     if n == 32 * self.settings.batch_pad_multiple + 3:
                         runner.probe_rows_per_call(feeds)
@@ -463,12 +174,12 @@ def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None
     """The graph's inputs and outputs must be those of models/README.md, with the card's sizes."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    want_in, want_out = CONTRACT[role]
+    want_in, want_out = list(GRAPHS[role].inputs), GRAPHS[role].outputs
     if sorted(inputs) != sorted(want_in):
         raise ModelRepositoryError(f"{card.graphs[role]}: inputs {sorted(inputs)}, expected {want_in}")
     missing = [o for o in want_out if o not in outputs]
     if role == "encoder" and card.flows > 0:
-        missing += [o for o in FLOW_OUTPUTS if o not in outputs]
+        missing += [o for o in FLOW_PARAMS if o not in outputs]
     if missing:
         raise ModelRepositoryError(f"{card.graphs[role]}: outputs lack {missing} (has {outputs})")
     # Requests are merged and padded along axis 0: a graph exported with a fixed batch size would fail
@@ -483,7 +194,7 @@ def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None
         if info.type != "tensor(float)":
             raise ModelRepositoryError(f"{card.graphs[role]}: input {name!r} is {info.type}, expected tensor(float)")
         last = info.shape[-1] if info.shape else None
-        want = card.data_dim if name == "x" else card.latent_dim
+        want = card.data_dim if name == X else card.latent_dim
         if isinstance(last, int) and last != want:
             raise ModelRepositoryError(f"{card.graphs[role]}: input {name!r} has last axis {last}, but the card "
                                        f"says {want}")
@@ -492,7 +203,7 @@ def _check_io(card: ModelCard, role: str, session: ort.InferenceSession) -> None
 def _check_runs(card: ModelCard, role: str, session: ort.InferenceSession) -> None:
     """One call with two rows: a graph that loads but cannot run, or whose outputs do not follow the batch
     (a batch size fixed inside the graph), fails here, at load time, and only its own folder."""
-    rows, shapes = 2, {"x": (card.data_dim,), "z": (card.latent_dim,), "eps": (1, card.latent_dim)}
+    rows, shapes = 2, {X: (card.data_dim,), Z: (card.latent_dim,), EPS: (1, card.latent_dim)}
     feeds = {i.name: np.zeros((rows, *shapes[i.name]), np.float32) for i in session.get_inputs()}
     outputs = session.run(None, feeds)
     for info, out in zip(session.get_outputs(), outputs, strict=True):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, Strict, WithJsonSchema, create_model
+
+from model_repository.card import SUMMARY_FIELDS
 
 # A JSON image is validated with numpy (shape, finiteness, range) so that a wrong pixel gives one clear
 # message instead of 784; the schema still says what is expected.
@@ -37,7 +39,7 @@ for _i in range(2, 6):
 
 
 # ------------------------------------------------------------------------------------------------
-# Query parameters of the inference endpoints (validated by the handlers: service/app.py `read_query`)
+# Query parameters of the inference endpoints (validated by service/inputs.py `read_query`)
 # ------------------------------------------------------------------------------------------------
 
 Invert = Annotated[bool, Field(description="x -> 1 - x, for dark ink on a light background (the models expect "
@@ -188,20 +190,12 @@ class LogLikelihoodResponse(BaseModel):
     results: list[LogLikelihoodResult]
 
 
-class ModelInfo(BaseModel):
-    name: str
-    kind: str
-    image_shape: list[int]
-    channels: int = Field(1, description="1: grayscale; 3: RGB (images H x W x 3, D = H * W * 3)")
-    data_dim: int
-    latent_dim: int
-    likelihood: str
-    flows: int
-    flow_type: str | None
-    noise_variance: float | None
-    metrics: dict[str, Any]
-    graphs: dict[str, str]
-    default: bool
+# The card's fields as the contract lists them (model_repository/card.py SUMMARY_FIELDS), and `default`.
+ModelInfo = create_model(
+    "ModelInfo",
+    **{name: (kind, Field(..., description=text)) for name, (kind, text) in SUMMARY_FIELDS.items()},
+    default=(bool, Field(..., description="whether requests that name no model get this one")),
+)
 
 
 class ModelDetail(ModelInfo):

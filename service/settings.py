@@ -66,13 +66,13 @@ class Settings(BaseSettings):
     max_temperature: float = Field(10.0, gt=0)
     max_png_scale: int = Field(16, ge=1)
 
-    # Request parsing (issue 11: inputs)
+    # Request parsing
     max_request_pixels: int = Field(8 * 1024 * 1024, ge=1, description="decoded pixels per request, all images "
                                     "together: refused (413) from the sizes the files declare, before decoding")
     max_json_pixels: int = Field(64 * 64 * 64, ge=1, description="values in the JSON images of one request (JSON "
                                  "costs more than a file per pixel to parse); counted in the body before parsing")
 
-    # Inference and responses (issue 11: admission control, memory, response size)
+    # Inference and responses (admission control, memory, response size)
     max_inflight_work: int = Field(131072, ge=1, description="work in flight across all endpoints, in rows that "
                                    "ONNX Runtime computes (padding included; one importance sample is one row); "
                                    "beyond it requests get 429. A request larger than this runs only alone")
@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     trim_after_work: int = Field(4096, ge=0, description="after a request of at least this much work (rows), give "
                                  "free memory back to the system (glibc malloc_trim); 0: never")
 
-    # Operations (issue 11: slow clients, shutdown)
+    # Operations (slow clients, shutdown)
     header_timeout_s: float = Field(10.0, gt=0, description="seconds a request has to send its request line and "
                                     "headers (from its first byte; from the connection's start for the first "
                                     "request); 408 and the connection closed after that")

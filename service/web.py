@@ -17,8 +17,6 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
-from service import preprocess
-
 WEB_DIR = Path(__file__).with_name("web")  # the pages; their scripts and stylesheet in web/ui/
 VENDOR_DIR = Path(fastapi_offline.__file__).with_name("static")
 
@@ -64,12 +62,12 @@ def _page(name: str, csp: str):
     return page
 
 
-def install(app: FastAPI, resolve_model) -> None:
-    """Add the page, its assets, the docs and POST /preprocess (the pixels the model sees) to `app`.
+def install(app: FastAPI) -> None:
+    """Add the page, its assets and the docs to `app` (POST /preprocess, which the page calls, is one of the
+    service's routes: service/preprocess.py).
 
     `app` must be built with docs_url=None and redoc_url=None: these /docs and /redoc replace FastAPI's.
     """
-    preprocess.add_route(app, resolve_model)
     app.add_api_route("/", _page("index.html", PAGE_CSP), include_in_schema=False, methods=["GET", "HEAD"])
     app.add_api_route("/docs", _page("docs.html", PAGE_CSP), include_in_schema=False, methods=["GET", "HEAD"])
     app.add_api_route("/redoc", _page("redoc.html", REDOC_CSP), include_in_schema=False, methods=["GET", "HEAD"])

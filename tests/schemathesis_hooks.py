@@ -5,7 +5,7 @@ the working directory on sys.path); run `st` from the repository root:
 
     st run http://127.0.0.1:8000/openapi.json --checks all
 
-The schema declares every limit JSON Schema can state (service/api_schema.py). The constraints below
+The schema declares every limit JSON Schema can state (service/openapi.py). The constraints below
 cannot be stated in it, so a request generated from the schema alone may break them and be refused for a
 good reason (ST202 "schema-valid request rejected"). Each hook makes the schema-valid (positive) cases
 meet one of them, and nothing else: negative cases are left as generated, so the server's refusals are

@@ -134,12 +134,18 @@ def test_service_build_installs_only_the_base_dependencies():
     assert "--no-deps ." in build
 
 
+def test_the_runtime_image_ships_the_service_and_the_contract_but_no_training():
+    copied = re.findall(r"^COPY (?!--from)(\S+)", _stages()["service-build"], re.M)
+    assert {"model_repository/", "service/"} <= set(copied)
+    assert not any(src.startswith("training") for src in copied), copied
+
+
 def test_dockerignore_is_an_allow_list():
     lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert {"pyproject.toml", "README.md", "training", "service", "models"} <= allowed
+    assert {"pyproject.toml", "README.md", "model_repository", "training", "service", "models"} <= allowed
     assert not allowed & {".venv", ".git", "runs", "tests"}
 
 

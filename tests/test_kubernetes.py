@@ -384,16 +384,13 @@ def test_images_and_commands_are_the_dockerfile_targets():
 
 
 def test_fit_arguments_are_valid_for_the_training_command_line():
-    from training.cli import _base_parser, driver_for
+    from training.cli import fit_job, parse
 
     for name in ("train-job", "train-pytorchjob"):
         (_, _, c), = _pods(name)
         fit_args = _environment(c)["FIT_ARGS"].split()
-        parser = _base_parser()
-        driver_for(fit_args[fit_args.index("--model") + 1]).add_arguments(
-            parser._subparsers._group_actions[0].choices["fit"])
-        args = parser.parse_args(["fit", *fit_args, "--out", "run", "--no-export", "--quiet"])
-        assert args.command == "fit" and args.model == "vae"
+        args = parse(["fit", *fit_args, "--out", "run", "--no-export", "--quiet"])
+        assert args.command == "fit" and fit_job(args).kind == "vae"
 
 
 def _app_get_routes() -> set[str]:
@@ -662,7 +659,7 @@ def published(tmp_path_factory) -> Path:
 
 
 def test_train_script_publishes_the_model_folder_in_place(published):
-    from service.repository import load_model_card
+    from model_repository.card import load_model_card
 
     assert sorted(p.name for p in published.iterdir()) == ["ppca-k8s"], "no staging or previous folder is left"
     card = load_model_card(published / "ppca-k8s")

@@ -6,38 +6,22 @@
     python -m training build-defaults --models-dir models
     torchrun --nproc-per-node 2 -m training fit --model vae --dataset digits --out runs/vae   # 2 processes
 
-Each model kind has a driver module (`DRIVERS`) that adds its own options to `fit`, fits, evaluates
-and exports; the commands here only parse, dispatch and print.
+Each model kind has a driver (training/drivers.py) whose settings dataclass gives `fit` its own options;
+the commands here only parse, dispatch and print. The imports inside `main` keep `--help` and the
+light commands from loading torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 
-from training.data import TEST_FRACTION
-from training.distributed import DEFAULT_TIMEOUT_S, PeerError
-
-# kind -> driver module. A driver provides add_arguments(parser), fit(args, data, out) -> metrics,
-# evaluate(ckpt, args) -> figures and export(ckpt, out, ...) -> card.
-DRIVERS = {
-    "ppca": "training.train_ppca",
-    "vae": "training.train_vae",
-    "flow-vae": "training.train_vae",
-}
-
-
-def driver_for(kind: str) -> ModuleType:
-    try:
-        module = DRIVERS[kind]
-    except KeyError:
-        raise ValueError(f"unknown model kind {kind!r}: expected one of {', '.join(DRIVERS)}") from None
-    return importlib.import_module(module)
+from training.common import load_checkpoint
+from training.config import DataOptions, FitJob, RunOptions, add_options, from_args
+from training.drivers import DRIVERS, driver_for
 
 
 def _base_parser() -> argparse.ArgumentParser:
@@ -46,33 +30,16 @@ def _base_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit", help="fit a model on a dataset and write it into --out")
     fit.add_argument("--model", required=True, choices=sorted(DRIVERS), help="model kind")
-    fit.add_argument("--dataset", default="mnist5k",
-                     help="digits, mnist5k, mnist5k-bin, or a path to IDX / .npz / .npy files or an image folder")
     fit.add_argument("--out", required=True, type=Path, help="output folder")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
-    fit.add_argument("--valid-fraction", type=float, default=0.1,
-                     help="share of the training rows held out for validation (never the test rows)")
-    fit.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
-                     help="share of the rows of user data (and digits) held out as test rows (the MNIST sets keep "
-                          "their fixed 1,000 test rows)")
-    fit.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                     help="resize images of a user folder to H x W (default: the first image's size)")
-    fit.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                     help="1: grayscale, 3: RGB; user images are converted to it (colour to gray by ITU-R 601-2 luma, "
-                          "gray repeated into RGB, transparent pixels on white). Default: the data's own (3 when the "
-                          "images are colour; a folder mixing both needs it)")
+    add_options(fit, DataOptions)
+    add_options(fit, RunOptions)
     fit.add_argument("--no-export", action="store_true", help="do not export ONNX graphs into --out")
-    fit.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                     help="under torchrun: seconds a rank waits for the others in a collective before the job "
-                          "stops with an error (a rank that died or hung)")
-    fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("evaluate", help="print the test figures of a fitted model as JSON")
     ev.add_argument("run_dir", type=Path, help="folder written by 'fit'")
     ev.add_argument("--samples", type=int, default=1000, help="importance samples for the log-likelihood bound")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--seed", type=int, default=RunOptions.seed)
+    ev.add_argument("--device", default=RunOptions.device)
 
     ex = sub.add_parser("export", help="export a fitted model to ONNX with a model card")
     ex.add_argument("checkpoint", type=Path, help="a checkpoint.pt or the folder holding it")
@@ -89,20 +56,48 @@ def _base_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line `argv` (without the program name) parsed; `fit` with the chosen model's own options."""
     parser = _base_parser()
-    model = _fit_model(argv)
-    if model is not None:  # the chosen model's driver adds its own options to `fit` (and to its --help)
-        driver_for(model).add_arguments(parser._subparsers._group_actions[0].choices["fit"])
-    args = parser.parse_args(argv)
+    kind = _fit_model(argv)
+    if kind is not None:  # the chosen model's driver adds its own options to `fit` (and to its --help)
+        fit_parser = parser._subparsers._group_actions[0].choices["fit"]
+        add_options(fit_parser.add_argument_group(kind), driver_for(kind).Options)
+    return parser.parse_args(argv)
+
+
+def fit_job(args: argparse.Namespace) -> FitJob:
+    """The typed settings of a parsed `fit` command line, built once here."""
+    return FitJob(args.model, from_args(driver_for(args.model).Options, args), from_args(DataOptions, args),
+                  from_args(RunOptions, args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "fit":
-            return _fit(driver_for(args.model), args)
+            from training.distributed import PeerError
+            from training.fitting import fit
+
+            try:
+                metrics = fit(fit_job(args), args.out, export=not args.no_export)
+            except PeerError as e:  # another rank of a torchrun job died or hung
+                print(f"error: {e}", file=sys.stderr)
+                return 3
+            if metrics is not None:  # rank 0 of a torchrun job (or the one process) reports
+                print(json.dumps(metrics, indent=2))
+            return 0
         if args.command == "evaluate":
-            return _evaluate(args)
+            ckpt = load_checkpoint(args.run_dir)
+            figures = driver_for(ckpt["kind"]).evaluate(ckpt, samples=args.samples, seed=args.seed,
+                                                        device=args.device)
+            print(json.dumps(figures, indent=2))
+            return 0
         if args.command == "export":
-            return _export(args)
+            from training.export import export_checkpoint
+
+            print(json.dumps(export_checkpoint(args.checkpoint, args.out, name=args.name), indent=2))
+            return 0
         if args.command == "build-defaults":
             from training.defaults import build_defaults
 
@@ -112,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except PeerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -126,53 +118,3 @@ def _fit_model(argv: list[str]) -> str | None:
     pre.add_argument("--model")
     known, _ = pre.parse_known_args(argv[1:])
     return known.model if known.model in DRIVERS else None
-
-
-def _fit(driver: ModuleType, args: argparse.Namespace) -> int:
-    from training.data import load_dataset
-    from training.distributed import setup
-    from training.shards import open_dataset
-
-    dist = setup(args.device, args.dist_timeout)  # one process, or a rank of a torchrun job
-    try:
-        image_size = tuple(args.image_size) if args.image_size else None
-        # Under torchrun each rank maps only its own rows of a .npy or IDX file; one process loads the data.
-        data = (open_dataset(args.dataset, dist, valid_fraction=args.valid_fraction,
-                             test_fraction=args.test_fraction, image_size=image_size, channels=args.channels)
-                if dist.enabled else
-                load_dataset(args.dataset, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
-                             image_size=image_size, channels=args.channels))
-        metrics = driver.fit(args, data, args.out, dist=dist)
-    except (ValueError, FileNotFoundError) as e:
-        if not dist.enabled:
-            raise
-        # which rank says it: the launcher interleaves the ranks' output (a PeerError names its rank itself)
-        print(f"error (rank {dist.rank} of {dist.world_size}): {e}", file=sys.stderr)
-        return 2
-    finally:
-        dist.close()
-    if not dist.is_main:
-        return 0
-    if not args.no_export:
-        from training.export import export_checkpoint
-
-        export_checkpoint(args.out, args.out)
-    print(json.dumps(metrics, indent=2))
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from training.common import load_checkpoint
-
-    ckpt = load_checkpoint(args.run_dir)
-    figures = driver_for(ckpt["kind"]).evaluate(ckpt, args)
-    print(json.dumps(figures, indent=2))
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from training.export import export_checkpoint
-
-    card = export_checkpoint(args.checkpoint, args.out, name=args.name)
-    print(json.dumps(card, indent=2))
-    return 0

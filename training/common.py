@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.data import TEST_FRACTION
+from model_repository.units import bits_per_dim, bits_per_dim_note
+from training.config import DataOptions
+from training.data import ImageData
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
-LOG2 = math.log(2.0)
 
 
 def resolve_device(name: str = "auto"):
@@ -39,26 +39,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def bits_per_dim(log_px: float, data_dim: int, *, discrete_bins: int | None) -> float:
-    """Bits per dimension of a log-likelihood in nats per image.
-
-    For binary data (``discrete_bins=None``) the likelihood is already a probability mass:
-    bpd = -log p(x) / (D ln 2). For a density on [0, 1]^D, the data are read as ``discrete_bins``
-    levels per pixel, each a bin of width 1/bins, so log P(bin) ~= log p(x) - D log(bins):
-    bpd = -(log p(x) - D log bins) / (D ln 2).
-    """
-    if discrete_bins is None:
-        return -log_px / (data_dim * LOG2)
-    return -(log_px - data_dim * math.log(discrete_bins)) / (data_dim * LOG2)
+def bits_figures(log_px: float | None, data: ImageData, likelihood: str) -> tuple[float | None, str | None]:
+    """(bits/dim, the note saying how) of a mean log-likelihood on `data` (model_repository/units.py)."""
+    bpd = None if log_px is None else bits_per_dim(log_px, data.data_dim, likelihood, data.binary)
+    return bpd, bits_per_dim_note(likelihood, data.binary)
 
 
-def run_meta(args, data, settings: dict, history: dict | list) -> dict:
+def run_meta(options: DataOptions, data: ImageData, settings: dict, history: dict | list) -> dict:
     """What a checkpoint records about its fit: the data (to reload the same split), settings, curves."""
     return {
-        "dataset": str(args.dataset),
+        "dataset": str(options.dataset),
         "dataset_summary": data.summary(),
-        "valid_fraction": args.valid_fraction,
-        "test_fraction": getattr(args, "test_fraction", TEST_FRACTION),
+        "valid_fraction": options.valid_fraction,
+        "test_fraction": options.test_fraction,
         "image_shape": list(data.image_shape),
         "channels": data.channels,
         "training": settings,

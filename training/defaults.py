@@ -12,26 +12,30 @@ sees a half-written model.
 from __future__ import annotations
 
 import logging
-import os
+import multiprocessing
 import shutil
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
-from service.repository import ModelRepositoryError, load_model_card
+import torch
+
+from model_repository.card import ModelRepositoryError, load_model_card
+from training.config import DataOptions, FitJob
+from training.export import export_checkpoint
+from training.fitting import fit
+from training.train_ppca import PPCAFit
+from training.train_vae import VAEFit
 
 log = logging.getLogger(__name__)
 
-# name -> `python -m training fit` arguments (besides --out). The VAE settings are the fit defaults:
-# the quality models of docs/benchmarks.md.
-DEFAULT_MODELS: dict[str, list[str]] = {
+# name -> its fit. The VAE settings are the fit defaults: the quality models of docs/benchmarks.md.
+DEFAULT_MODELS: dict[str, FitJob] = {
     # PPCA selects nothing on validation rows, so it is fitted on all 4,000 training rows.
-    "ppca-mnist": ["--model", "ppca", "--method", "em", "--dataset", "mnist5k", "--latent-dim", "40",
-                   "--valid-fraction", "0"],
-    "vae-mnist": ["--model", "vae", "--dataset", "mnist5k-bin"],
-    "flow-vae-mnist": ["--model", "flow-vae", "--dataset", "mnist5k-bin"],
+    "ppca-mnist": FitJob("ppca", PPCAFit(method="em", latent_dim=40), DataOptions("mnist5k", valid_fraction=0.0)),
+    "vae-mnist": FitJob("vae", VAEFit(), DataOptions("mnist5k-bin")),
+    "flow-vae-mnist": FitJob("flow-vae", VAEFit(), DataOptions("mnist5k-bin")),
 }
 
 
@@ -49,21 +53,18 @@ def build_defaults(models_dir: str | Path, *, runs_dir: str | Path = "runs", for
                    progress: bool = True, names: list[str] | None = None, jobs: int = 1) -> dict[str, str]:
     """Fit and export each missing default model; return name -> 'built' or 'present'.
 
-    With ``jobs`` > 1 the fits run as that many `python -m training fit` processes at a time (each
-    fit uses one torch thread by default, so 2 jobs fill 2 cores); exports run here as fits finish.
+    With ``jobs`` > 1 the fits run in that many processes at a time, one torch thread each (two OpenMP
+    teams on two cores slow each other down many times over); exports run here as fits finish.
     """
-    from training.export import export_checkpoint
-
     models_dir, runs_dir = Path(models_dir), Path(runs_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     status, todo = {}, []
     for name in names or list(DEFAULT_MODELS):
         try:
-            fit_args = DEFAULT_MODELS[name]
+            job = DEFAULT_MODELS[name]
         except KeyError:
             raise ValueError(f"unknown default model {name!r}: expected one of {', '.join(DEFAULT_MODELS)}") from None
-        kind = fit_args[fit_args.index("--model") + 1]
-        if not force and model_is_valid(models_dir / name, kind):
+        if not force and model_is_valid(models_dir / name, job.kind):
             print(f"[build-defaults] {name}: present and valid, skipped")
             status[name] = "present"
         else:
@@ -71,30 +72,23 @@ def build_defaults(models_dir: str | Path, *, runs_dir: str | Path = "runs", for
     if not todo:
         return status
 
-    def fit(name: str) -> float:
-        start = time.perf_counter()
-        argv = ["fit", *DEFAULT_MODELS[name], "--out", str(runs_dir / name), "--no-export"]
-        # Progress bars of parallel fits would overwrite each other: only a lone fit shows its bar.
-        argv += [] if progress and jobs == 1 else ["--quiet"]
-        print(f"[build-defaults] {name}: fitting ({' '.join(DEFAULT_MODELS[name])})", flush=True)
-        if jobs == 1:
-            from training.cli import main as cli_main
-
-            code = cli_main(argv)
-        else:
-            # One thread per process: two OpenMP teams on two cores slow each other down many times over.
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            code = subprocess.run([sys.executable, "-m", "training", *argv], stdout=subprocess.DEVNULL,
-                                  env=env).returncode
-        if code != 0:
-            raise RuntimeError(f"fitting default model {name!r} failed (exit {code}); see the error above")
-        return time.perf_counter() - start
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(fit, name): name for name in todo}
+    # Progress bars of parallel fits would overwrite each other: only a lone fit shows its bar.
+    quiet = not progress or jobs > 1
+    pool: Executor = (ThreadPoolExecutor(max_workers=1) if jobs <= 1 else ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread))
+    with pool:
+        futures = {}
+        for name in todo:
+            job = DEFAULT_MODELS[name]
+            job = replace(job, run=replace(job.run, quiet=quiet))
+            print(f"[build-defaults] {name}: fitting ({job.kind} on {job.data.dataset})", flush=True)
+            futures[pool.submit(_timed_fit, job, runs_dir / name)] = name
         for future in as_completed(futures):
             name = futures[future]
-            seconds = future.result()
+            try:
+                seconds = future.result()
+            except Exception as e:
+                raise RuntimeError(f"fitting default model {name!r} failed: {type(e).__name__}: {e}") from e
             target, staging = models_dir / name, models_dir / f".{name}.tmp"
             shutil.rmtree(staging, ignore_errors=True)
             export_checkpoint(runs_dir / name, staging, name=name)
@@ -103,3 +97,13 @@ def build_defaults(models_dir: str | Path, *, runs_dir: str | Path = "runs", for
             print(f"[build-defaults] {name}: fitted in {seconds:.0f} s, exported -> {target}", flush=True)
             status[name] = "built"
     return status
+
+
+def _timed_fit(job: FitJob, out: Path) -> float:
+    start = time.perf_counter()
+    fit(job, out, export=False)
+    return time.perf_counter() - start
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)

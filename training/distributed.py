@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# How long a rank waits in a collective for the others before the job stops. Between two collectives
-# the ranks do equal shares of work (a step, a share of an evaluation or of the data check), so a wait is
-# their imbalance, or rank 0 writing the checkpoint: far below this on a healthy job.
-DEFAULT_TIMEOUT_S = 600.0
+from training.config import RunOptions
+
+# How long a rank waits in a collective for the others before the job stops: the fit setting's default
+# (training/config.py RunOptions.dist_timeout, with its reason).
+DEFAULT_TIMEOUT_S = RunOptions.dist_timeout
 # Per-rank seeds for randomness that must differ between ranks (their own evaluation noise, their own
 # stochastic-EM draws): rank r uses seed + SEED_STRIDE * r, so rank 0 keeps the one-process stream.
 SEED_STRIDE = 1_000_003
@@ -128,8 +129,12 @@ class Dist:
                 f"--dist-timeout). The first rank to fail says why. Cause: {str(e).splitlines()[0][:300]}"
             ) from e
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = False) -> None:
+        """Leave the process group; with `wait` (a fit that ended well), once every rank is here: a rank that
+        tears gloo down while rank 0 still writes its files can abort ("terminate called ...")."""
         if self.enabled and torch.distributed.is_initialized():
+            if wait:
+                self.collective("the ranks' last barrier", torch.distributed.barrier)
             torch.distributed.destroy_process_group()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service.repository import CARD, FORMAT_VERSION, PIXEL_LAYOUT, load_model_card, sha256_file
-from training.common import METRICS, load_checkpoint, read_json, write_json
+from model_repository.card import CARD, sha256_file, write_card
+from model_repository.graphs import EPS, GRAPHS, X, Z
+from training.common import METRICS, load_checkpoint, read_json
+from training.drivers import driver_for
+from training.shards import reopen_dataset
+from training.user_data import DataError
+from training.vae import export_modules
 
 OPSET = 18
 # Parity tolerances (float32): absolute on encoder/decoder outputs, relative on log-densities.
@@ -107,21 +111,21 @@ class _PPCALogLik(nn.Module):
         return self.const - self.inv_2sigma2 * quad
 
 
+def _spec(role: str, module: nn.Module, outputs: tuple[str, ...] | list[str] | None = None) -> GraphSpec:
+    """The graph of `role` with the contract's input names, and its outputs (by default the contract's)."""
+    io = GRAPHS[role]
+    outputs = list(io.outputs if outputs is None else outputs)
+    # The log-densities (sums over D pixels) are compared relatively, the rest absolutely.
+    return GraphSpec(module, list(io.inputs), outputs, relative={"log_w", "log_px"} & set(outputs))
+
+
 def _ppca_graphs(model) -> dict[str, GraphSpec]:
-    return {
-        "encoder": GraphSpec(_PPCAEncoder(model), ["x"], ["mean", "log_var"]),
-        "decoder": GraphSpec(_PPCADecoder(model), ["z"], ["x_mean"]),
-        "loglik": GraphSpec(_PPCALogLik(model), ["x"], ["log_px"], relative={"log_px"}),
-    }
+    return {"encoder": _spec("encoder", _PPCAEncoder(model)), "decoder": _spec("decoder", _PPCADecoder(model)),
+            "loglik": _spec("loglik", _PPCALogLik(model))}
 
 
 def _vae_graphs(model) -> dict[str, GraphSpec]:
-    from training.vae import export_modules
-
-    specs = {}
-    for role, (module, inputs, outputs) in export_modules(model).items():
-        specs[role] = GraphSpec(module, list(inputs), list(outputs), relative={"log_w"} & set(outputs))
-    return specs
+    return {role: _spec(role, module, outputs) for role, (module, _, outputs) in export_modules(model).items()}
 
 
 # kind -> function building the graphs of a fitted torch model of that kind.
@@ -143,13 +147,13 @@ def graphs_for(kind: str, model) -> dict[str, GraphSpec]:
 
 def _example_inputs(name: str, n: int, D: int, d: int, S: int, rng: np.random.Generator,
                     real_x: np.ndarray | None) -> np.ndarray:
-    if name == "x":
+    if name == X:
         if real_x is not None and len(real_x):
             return real_x[rng.integers(0, len(real_x), n)].astype(np.float32)
         return rng.random((n, D), dtype=np.float32)
-    if name == "z":
+    if name == Z:
         return rng.standard_normal((n, d), dtype=np.float32)
-    if name == "eps":
+    if name == EPS:
         return rng.standard_normal((n, S, d), dtype=np.float32)
     raise ValueError(f"no example input for graph input {name!r} (expected x, z or eps)")
 
@@ -157,7 +161,7 @@ def _example_inputs(name: str, n: int, D: int, d: int, S: int, rng: np.random.Ge
 def _dynamic_shapes(inputs: list[str]) -> dict:
     N = torch.export.Dim("N", min=1)
     S = torch.export.Dim("S", min=1)
-    return {name: ({0: N, 1: S} if name == "eps" else {0: N}) for name in inputs}
+    return {name: ({0: N, 1: S} if name == EPS else {0: N}) for name in inputs}
 
 
 def export_graph(spec: GraphSpec, path: Path, *, D: int, d: int) -> None:
@@ -233,23 +237,18 @@ def _card_metrics(kind: str, metrics: dict) -> dict:
     }
 
 
-def _load_model(ckpt: dict):
-    from training.cli import driver_for
-
-    return driver_for(ckpt["kind"]).build_model(ckpt)
-
-
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str | None = None) -> dict:
     """Export the model in `checkpoint` (a checkpoint.pt or its run folder) into `out_dir`; return the card.
 
     The run folder's `metrics.json` supplies the card's test figures. The card is written last,
-    after every graph passed its checks, and is then read back through the service's validator.
+    after every graph passed its checks, and is read back through the contract's reader (the one the
+    service uses) before it stays.
     """
     checkpoint = Path(checkpoint)
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     ckpt = load_checkpoint(checkpoint)
     kind, meta, config = ckpt["kind"], ckpt["meta"], ckpt["config"]
-    model = _load_model(ckpt)
+    model = driver_for(kind).build_model(ckpt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CARD).unlink(missing_ok=True)  # no stale card may vouch for half-written graphs
@@ -272,7 +271,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
         log.warning("%s: no %s beside the checkpoint; the card carries no test figures", run_dir, METRICS)
     training = dict(meta.get("training", {}))
     card = {
-        "format_version": FORMAT_VERSION,
         "name": name,
         "kind": kind,
         "image_shape": list(meta["image_shape"]),
@@ -289,36 +287,17 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
         "onnx_opset": OPSET,
         "graphs": graphs,
         "files": files,
-        "input": {"dtype": "float32", "range": [0, 1], "layout": PIXEL_LAYOUT, "ink": 1},
         "parity": {"max_error": parity, "abs_tol": ABS_TOL, "rel_tol": REL_TOL, "batches": list(PARITY_BATCHES)},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    write_json(out / CARD, card)
-    load_model_card(out)  # the folder must pass the same validation the service applies
-    return card
+    return write_card(out, card).raw
 
 
 def _real_inputs(meta: dict) -> np.ndarray | None:
     """Test rows of the model's dataset, for the parity check on real images (None if unavailable)."""
-    from training.shards import reopen_dataset  # a .npy / IDX file stays mapped: only the rows drawn are read
-    from training.user_data import DataError
-
     try:
-        data = reopen_dataset(meta)
+        data = reopen_dataset(meta)  # a .npy / IDX file stays mapped: only the rows drawn are read
     except (DataError, OSError, ValueError) as e:
         log.warning("parity on real inputs skipped: cannot reload dataset %r (%s)", meta.get("dataset"), e)
         return None
     return data.test
-
-
-def copy_model_dir(src: str | Path, dst: str | Path) -> None:
-    """Copy a validated model folder (card + graphs) into the repository as `dst`."""
-    card = load_model_card(src)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / CARD).unlink(missing_ok=True)
-    for fname in card.raw["files"]:
-        shutil.copy2(Path(src) / fname, dst / fname)
-    raw = dict(card.raw, name=dst.name)
-    write_json(dst / CARD, raw)
-    load_model_card(dst)

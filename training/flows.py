@@ -48,15 +48,6 @@ def u_hat(u: Tensor, w: Tensor) -> Tensor:
     return u + (m(wu) - wu) * w / (w * w).sum(-1, keepdim=True)
 
 
-def planar(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """One planar flow with already-constrained u_hat: z [..., d], u_hat/w [..., d], b [...] (broadcast
-    against z's leading axes). Returns (z + u_hat tanh(w^T z + b), log|1 + (1 - tanh^2) u_hat^T w|)."""
-    h = torch.tanh((z * w).sum(-1) + b)
-    z_new = z + u_hat * h.unsqueeze(-1)
-    psi_u = (1.0 - h * h) * (w * u_hat).sum(-1)  # h'(w^T z + b) u_hat^T w
-    return z_new, torch.log(torch.abs(1.0 + psi_u))
-
-
 def planar_flows(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """K planar flows in sequence: z [..., d]; u_hat, w [..., K, d]; b [..., K], whose leading axes
     broadcast against z's (e.g. z [N, S, d] with u_hat [N, 1, K, d], or global u_hat [K, d]).
@@ -70,17 +61,24 @@ def planar_flows(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor
         raise ValueError(f"flow parameters have d = {u_hat.shape[-1]}, z has d = {z.shape[-1]}")
     if u_hat.shape[-2] == 0:
         return z, torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
-    # The same math as `planar`, with fewer autograd nodes (one per line below, four per flow): the
-    # log-dets of all K flows are computed together after the loop from the stacked tanh values.
-    hs = []
-    for uk, wk, bk in zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-1), strict=True):
-        h = torch.tanh(torch.linalg.vecdot(z, wk) + bk)
-        z = torch.addcmul(z, uk, h.unsqueeze(-1))  # z + u_hat h
-        hs.append(h)
-    h = torch.stack(hs, -1)  # [..., K]
+    z, h, _ = _forward(z, u_hat, w, b)
     wu = torch.linalg.vecdot(w, u_hat)  # w_k^T u_hat_k [..., K], broadcast against h
     log_det = torch.log(torch.abs(1.0 + (1.0 - h * h) * wu)).sum(-1)
     return z, log_det
+
+
+def _forward(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The K flows' pass: (z_K, h [..., K] the tanh of each flow, [z_0, ..., z_{K-1}] their inputs).
+
+    Few autograd nodes (one per line, three per flow): the log-dets of all K flows are computed afterwards
+    from the stacked tanh values."""
+    zs, hs = [], []
+    for uk, wk, bk in zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-1), strict=True):
+        zs.append(z)
+        h = torch.tanh(torch.linalg.vecdot(z, wk) + bk)
+        z = torch.addcmul(z, uk, h.unsqueeze(-1))  # z + u_hat h
+        hs.append(h)
+    return z, torch.stack(hs, -1), zs
 
 
 class _PlanarFlowsFunction(torch.autograd.Function):
@@ -96,13 +94,7 @@ class _PlanarFlowsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, u_hat, w, b):
-        zs, hs = [], []
-        for uk, wk, bk in zip(u_hat.unbind(-2), w.unbind(-2), b.unbind(-1), strict=True):
-            zs.append(z)
-            h = torch.tanh(torch.linalg.vecdot(z, wk) + bk)
-            z = torch.addcmul(z, uk, h.unsqueeze(-1))
-            hs.append(h)
-        h = torch.stack(hs, -1)
+        z, h, zs = _forward(z, u_hat, w, b)
         psi = torch.linalg.vecdot(w, u_hat)
         det = 1.0 + (1.0 - h * h) * psi
         ctx.save_for_backward(torch.stack(zs, -2), h, psi, det, u_hat, w)

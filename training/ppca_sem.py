@@ -44,9 +44,9 @@ before step t, N the rows, and
   single-point steps would when steps are small, so the curves against points seen agree across
   batch sizes until the cap binds. At the ML solution E[z z^T] = I, so E|u|^2 = d + 1 and the
   single-point limit is about 1/(d+1) in the natural metric: rho0 = 0.1 is a tenth of it. Larger
-  rates leave more noise in theta, smaller ones forget the start slowly: after 12 epochs of mnist5k
-  (d = 40) at B = 100, rho0 = 0.03, 0.1, 0.3 and 1 ended 6.5, 0.64, 2.2 and 8.9 nats/image from the
-  optimum, and 0.1 beat 0.3 on digits (d = 10) at B = 1 too. The decay is per epoch of N points, whatever B.
+  rates leave more noise in theta, smaller ones forget the start slowly; 0.1 ended closest to the optimum
+  of the rates tried (docs/benchmarks.md, "PPCA stochastic EM"). The decay is per epoch of N points,
+  whatever B.
 * Robbins-Monro: once eta binds, kappa_t = B rho0/(d+1) (1 + t B / N)^-power with 0.5 < power <= 1, so
   sum kappa_t = inf and sum kappa_t^2 < inf; L_t stays bounded while sigma2 stays away from 0 and
   infinity, so the cap never stops the sum from diverging.

@@ -27,6 +27,7 @@ import torch
 from training.data import (
     EMBEDDED,
     TEST_FRACTION,
+    VALID_FRACTION,
     ImageData,
     _random_split,
     _valid_split,
@@ -184,8 +185,9 @@ def row_fetcher(rows: np.ndarray | RowView, device: torch.device) -> Callable[[t
     return lambda pos: x[pos.to(device)]
 
 
-def open_dataset(spec: str | Path, dist: Dist, *, valid_fraction: float = 0.1, test_fraction: float = TEST_FRACTION,
-                 image_size: tuple[int, int] | None = None, channels: int | None = None) -> ImageData:
+def open_dataset(spec: str | Path, dist: Dist, *, valid_fraction: float = VALID_FRACTION,
+                 test_fraction: float = TEST_FRACTION, image_size: tuple[int, int] | None = None,
+                 channels: int | None = None) -> ImageData:
     """:func:`training.data.load_dataset`'s data and split, with the rows of a .npy or IDX file left in the file.
 
     The splits are then :class:`RowView` s, and each rank has checked its owned rows. Any other source is
@@ -231,5 +233,5 @@ def reopen_dataset(meta: dict) -> ImageData:
     """:func:`training.data.reload_dataset`, with a .npy or IDX file's rows left in the file (one process)."""
     if not mappable(meta["dataset"]):
         return reload_dataset(meta)
-    return open_dataset(meta["dataset"], Dist(), valid_fraction=meta.get("valid_fraction", 0.1),
+    return open_dataset(meta["dataset"], Dist(), valid_fraction=meta.get("valid_fraction", VALID_FRACTION),
                         test_fraction=meta.get("test_fraction", TEST_FRACTION), channels=meta.get("channels", 1))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +21,13 @@ from training import plots
 from training.common import (
     CHECKPOINT,
     METRICS,
-    bits_per_dim,
+    bits_figures,
     run_meta,
     save_checkpoint,
     seed_everything,
     write_json,
 )
+from training.config import FitJob, option
 from training.data import ImageData
 from training.distributed import Dist, single
 from training.ppca import (
@@ -42,33 +43,10 @@ from training.ppca_sem import SAMPLINGS, STEPS, DivergenceError, SEMSettings, St
 from training.shards import local, reopen_dataset
 
 METHODS = ("em", "sem", "closed-form")
-# Figures for [0, 1] data are densities; bits/dim reads them as 256 levels per pixel.
-DISCRETE_BINS = 256
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("ppca")
-    g.add_argument("--method", choices=METHODS, default="em", help="how to fit (default: em)")
-    g.add_argument("--latent-dim", type=int, default=10, help="d, number of latent dimensions")
-    g.add_argument("--iterations", type=int, default=None,
-                   help="EM: maximum iterations (default 5000); SEM: epochs over the data (default 60)")
-    g.add_argument("--tol", type=float, default=1e-7,
-                   help="EM stops when the log-likelihood gains less than this many nats/image in an iteration")
-    g.add_argument("--batch-size", type=int, default=100, help="SEM: rows per step, from 1 to all of them")
-    g.add_argument("--step", choices=STEPS, default="natural",
-                   help="SEM M'-step: natural (Fisher-preconditioned gradient, default) or plain (the raw gradient "
-                        "in data-scaled coordinates); equations in training/ppca_sem.py")
-    g.add_argument("--sampling", choices=SAMPLINGS, default="epochs",
-                   help="SEM rows per step: epochs (shuffled passes, default) or with-replacement (uniform draws)")
-    g.add_argument("--kappa0", type=_kappa0, default=None, metavar="auto|K",
-                   help="SEM step size: auto (default) is min(1/L_t, B eta(n)), capped at the stability limit 1/L_t; "
-                        "a number K is the hand-tuned kappa_t = K / (1 + t/t0)^power with no cap")
-    g.add_argument("--rho0", type=float, default=0.1,
-                   help="SEM, --kappa0 auto: rate per data point, as a fraction of the one-row stability limit")
-    g.add_argument("--power", type=float, default=1.0,
-                   help="SEM: decay exponent of the step size, in (0.5, 1] (Robbins-Monro)")
-    g.add_argument("--t0", type=float, default=500.0, help="SEM with a number --kappa0: steps before kappa_t decays")
-    g.add_argument("--chunk-size", type=int, default=4096, help="rows per chunk in EM sums and evaluation")
+EM_MAX_ITERATIONS = 5000  # a cap a converging fit does not reach: EM stops at --tol (docs/benchmarks.md)
+SEM_EPOCHS = 60  # past where the gap to the optimum stops shrinking on digits and mnist5k (docs/benchmarks.md)
+LIKELIHOOD = "gaussian"  # p(x | z) = N(mu + W z, sigma2 I): a density, so bits/dim read 256 levels per pixel
+_SEM = SEMSettings()  # the stochastic EM's defaults are its own (training/ppca_sem.py)
 
 
 def _kappa0(text: str) -> float | None:
@@ -80,116 +58,145 @@ def _kappa0(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}") from None
 
 
-def fit(args: argparse.Namespace, data: ImageData, out: Path, dist: Dist | None = None) -> dict:
-    dist = dist or single(args.device)
+@dataclass(frozen=True)
+class PPCAFit:
+    """`fit --model ppca` settings (the `ppca` group of `python -m training fit --model ppca --help`)."""
+
+    method: str = option("em", "how to fit: exact EM converges to the maximum likelihood like the closed form and "
+                         "shows the curve; sem is stochastic EM", choices=METHODS)
+    latent_dim: int = option(10, "d, number of latent dimensions (10 explains most of digits' variance)")
+    iterations: int | None = option(None, f"EM: maximum iterations (default {EM_MAX_ITERATIONS}); SEM: epochs over "
+                                    f"the data (default {SEM_EPOCHS})", type=int)
+    tol: float = option(1e-7, "EM stops when the log-likelihood gains less than this many nats/image in an "
+                        "iteration (a float64 fit is converged to its last digits by then)")
+    batch_size: int = option(_SEM.batch_size, "SEM: rows per step, from 1 to all of them")
+    step: str = option(_SEM.step, "SEM M'-step: natural (Fisher-preconditioned gradient) or plain (the raw gradient "
+                       "in data-scaled coordinates); equations in training/ppca_sem.py", choices=STEPS)
+    sampling: str = option(_SEM.sampling, "SEM rows per step: epochs (shuffled passes) or with-replacement (uniform "
+                           "draws)", choices=SAMPLINGS)
+    kappa0: float | None = option(_SEM.kappa0, "SEM step size: auto (the default) is min(1/L_t, B eta(n)), capped at "
+                                  "the stability limit 1/L_t; a number K is the hand-tuned kappa_t = K / (1 + "
+                                  "t/t0)^power with no cap", type=_kappa0, metavar="auto|K")
+    rho0: float = option(_SEM.rho0, "SEM, --kappa0 auto: rate per data point, as a fraction of the one-row "
+                         "stability limit")
+    power: float = option(_SEM.power, "SEM: decay exponent of the step size, in (0.5, 1] (Robbins-Monro)")
+    t0: float = option(_SEM.t0, "SEM with a number --kappa0: steps before kappa_t decays")
+    chunk_size: int = option(4096, "rows per chunk in EM sums and evaluation (bounds the memory of a pass)")
+
+    def sem(self) -> SEMSettings:
+        return SEMSettings(step=self.step, sampling=self.sampling, batch_size=self.batch_size, kappa0=self.kappa0,
+                           rho0=self.rho0, power=self.power, t0=self.t0)
+
+    def sem_record(self) -> dict:
+        """The SEM settings as the checkpoint and metrics record them (kappa0 'auto' for the automatic rule)."""
+        record = asdict(self.sem())
+        return {**record, "kappa0": "auto" if record["kappa0"] is None else record["kappa0"]}
+
+
+Options = PPCAFit
+
+
+def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> dict:
+    cfg: PPCAFit = job.model
+    run = job.run
+    dist = dist or single(run.device)
     out = Path(out)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    seed_everything(args.seed)
+    seed_everything(run.seed)
     device = dist.device
     reduce = dist.sum if dist.enabled else None
     x = torch.as_tensor(local(data.train, dist)[1], dtype=torch.float64, device=device)
-    config = PPCAConfig(data_dim=data.data_dim, latent_dim=args.latent_dim)
+    config = PPCAConfig(data_dim=data.data_dim, latent_dim=cfg.latent_dim)
     model = PPCA(config).to(device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)  # the same W on every rank
+    generator = torch.Generator(device=device).manual_seed(run.seed)  # the same W on every rank
     history: list[float] = []
     start = time.perf_counter()
 
-    if args.method == "closed-form":
-        model.set_parameters(*(closed_form(x, args.latent_dim) if reduce is None
-                               else closed_form_from_sums(x, args.latent_dim, reduce)))
-        history.append(mean_log_prob(model, x, args.chunk_size, reduce))
+    if cfg.method == "closed-form":
+        model.set_parameters(*(closed_form(x, cfg.latent_dim) if reduce is None
+                               else closed_form_from_sums(x, cfg.latent_dim, reduce)))
+        history.append(mean_log_prob(model, x, cfg.chunk_size, reduce))
         iterations = 0
-    elif args.method == "em":
+    elif cfg.method == "em":
         init_from_data(model, x, generator, reduce)
-        iterations = _fit_em(model, x, args, history, dist)
-    elif args.method == "sem":
+        iterations = _fit_em(model, x, cfg, history, run.quiet, dist)
+    elif cfg.method == "sem":
         init_from_data(model, x, generator, reduce)
         if dist.rank > 0:  # each rank draws its own rows and noise; rank 0 goes on with the one-process stream
-            generator = torch.Generator(device=device).manual_seed(dist.rank_seed(args.seed))
+            generator = torch.Generator(device=device).manual_seed(dist.rank_seed(run.seed))
         try:
-            iterations = _fit_sem(model, x, args, history, generator, dist)
+            iterations = _fit_sem(model, x, cfg, history, generator, run.quiet, dist)
         except DivergenceError as e:
             # The model holds the parameters from before the failed step: keep them for inspection.
-            meta = run_meta(args, data, {"method": "sem", "diverged": str(e), **_sem_record(args)}, history)
+            meta = run_meta(job.data, data, {"method": "sem", "diverged": str(e), **cfg.sem_record()}, history)
             path = out / CHECKPOINT
             if dist.is_main:
                 save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(),
                                 meta=meta)
             raise DivergenceError(f"{e} The last good parameters are saved in {path}.", step=e.step,
                                   kappa=e.kappa) from None
-    else:  # argparse restricts --method; this guards callers that build args by hand
-        raise ValueError(f"unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
+    else:  # argparse restricts --method; this guards callers that build the settings by hand
+        raise ValueError(f"unknown method {cfg.method!r}: expected one of {', '.join(METHODS)}")
     seconds = time.perf_counter() - start
 
     settings = {
-        "method": args.method,
-        "latent_dim": args.latent_dim,
+        "method": cfg.method,
+        "latent_dim": cfg.latent_dim,
         "iterations": iterations,
-        "tol": args.tol,
-        "seed": args.seed,
+        "tol": cfg.tol,
+        "seed": run.seed,
         "device": str(device),
         **dist.record(),
         "seconds": seconds,
     }
-    if args.method == "sem":
-        settings.update(_sem_record(args))
-    meta = run_meta(args, data, settings, history)
+    if cfg.method == "sem":
+        settings.update(cfg.sem_record())
+    meta = run_meta(job.data, data, settings, history)
     if dist.is_main:
         save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(), meta=meta)
     metrics = {
         "model": "ppca",
-        "method": args.method,
+        "method": cfg.method,
         "dataset": data.summary(),
         "iterations": iterations,
         "seconds": seconds,
         **dist.record(),
-        **_figures(model.to(device), data, args.chunk_size, dist),
+        **_figures(model.to(device), data, cfg.chunk_size, dist),
     }
     if dist.is_main:
         write_json(out / METRICS, metrics)
-        _plots(model.cpu(), data, history, args.method, out)
+        _plots(model.cpu(), data, history, cfg.method, out)
     return metrics
 
 
-def _fit_em(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: list[float], dist: Dist) -> int:
+def _fit_em(model: PPCA, x: torch.Tensor, cfg: PPCAFit, history: list[float], quiet: bool, dist: Dist) -> int:
     """EM until an iteration gains less than --tol: the log-likelihood is all-reduced, so all ranks stop together."""
     reduce = dist.sum if dist.enabled else None
-    max_iter = args.iterations or 5000
-    bar = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=args.quiet or not dist.is_main)
+    max_iter = cfg.iterations or EM_MAX_ITERATIONS
+    bar = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=quiet or not dist.is_main)
     prev = -np.inf
     for it in bar:
-        em_step(model, x, args.chunk_size, reduce)
-        ll = mean_log_prob(model, x, args.chunk_size, reduce)
+        em_step(model, x, cfg.chunk_size, reduce)
+        ll = mean_log_prob(model, x, cfg.chunk_size, reduce)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.6f}", gain=f"{ll - prev:.2e}", refresh=False)
-        if ll - prev < args.tol:
+        if ll - prev < cfg.tol:
             return it
         prev = ll
     return max_iter
 
 
-def _sem_settings(args: argparse.Namespace) -> SEMSettings:
-    return SEMSettings(step=args.step, sampling=args.sampling, batch_size=args.batch_size, kappa0=args.kappa0,
-                       rho0=args.rho0, power=args.power, t0=args.t0)
-
-
-def _sem_record(args: argparse.Namespace) -> dict:
-    """The SEM settings as the checkpoint and metrics record them (kappa0 'auto' for the automatic rule)."""
-    record = asdict(_sem_settings(args))
-    return {**record, "kappa0": "auto" if record["kappa0"] is None else record["kappa0"]}
-
-
-def _fit_sem(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: list[float],
-             generator: torch.Generator, dist: Dist) -> int:
+def _fit_sem(model: PPCA, x: torch.Tensor, cfg: PPCAFit, history: list[float], generator: torch.Generator,
+             quiet: bool, dist: Dist) -> int:
     """Epochs of N points each (whatever the batch size); the exact log-likelihood after each."""
-    epochs = args.iterations or 60
-    sem = StochasticEM(model, x, _sem_settings(args), generator, dist)
+    epochs = cfg.iterations or SEM_EPOCHS
+    sem = StochasticEM(model, x, cfg.sem(), generator, dist)
     reduce = dist.sum if dist.enabled else None
-    bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=args.quiet or not dist.is_main)
+    bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=quiet or not dist.is_main)
     for _ in bar:
         sem.advance(sem.n_total)
-        ll = mean_log_prob(model, x, args.chunk_size, reduce)
+        ll = mean_log_prob(model, x, cfg.chunk_size, reduce)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.4f}", kappa=f"{sem.last_kappa:.2e}", refresh=False)
     return epochs
@@ -205,14 +212,9 @@ def _figures(model: PPCA, data: ImageData, chunk_size: int, dist: Dist | None = 
         x = torch.as_tensor(local(rows, dist)[1], dtype=torch.float64, device=model.W.device)
         ll = mean_log_prob(model, x, chunk_size, reduce) if len(rows) else None
         figures[f"{split}_log_likelihood"] = ll
-        figures[f"{split}_bits_per_dim"] = (
-            None if ll is None else bits_per_dim(ll, data.data_dim, discrete_bins=DISCRETE_BINS)
-        )
+        figures[f"{split}_bits_per_dim"], note = bits_figures(ll, data, LIKELIHOOD)
     figures["sigma2"] = float(model.sigma2.detach())
-    figures["bits_per_dim_note"] = (
-        f"density on [0, 1] data read as {DISCRETE_BINS} levels per pixel: "
-        f"(-log p(x) + D log {DISCRETE_BINS}) / (D ln 2)"
-    )
+    figures["bits_per_dim_note"] = note
     return figures
 
 
@@ -238,8 +240,8 @@ def build_model(ckpt: dict) -> PPCA:
     return model.eval()
 
 
-def evaluate(ckpt: dict, args: argparse.Namespace) -> dict:
-    """Test figures of a fitted PPCA: the exact log-likelihood (no sampling involved)."""
+def evaluate(ckpt: dict, *, samples: int, seed: int, device: str) -> dict:
+    """Test figures of a fitted PPCA: the exact log-likelihood (no sampling: `samples` and `seed` unused)."""
     model = build_model(ckpt)
     meta = ckpt["meta"]
     data = reopen_dataset(meta)
@@ -251,7 +253,7 @@ def evaluate(ckpt: dict, args: argparse.Namespace) -> dict:
         "n_test": len(data.test),
         "test_log_likelihood": ll,
         "log_likelihood_exact": True,
-        "test_bits_per_dim": bits_per_dim(ll, data.data_dim, discrete_bins=DISCRETE_BINS),
+        "test_bits_per_dim": bits_figures(ll, data, LIKELIHOOD)[0],
         "latent_dim": model.config.latent_dim,
         "sigma2": float(model.sigma2.detach()),
     }

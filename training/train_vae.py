@@ -19,7 +19,7 @@ import argparse
 import copy
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,93 +28,101 @@ from tqdm import tqdm
 from training import plots
 from training.common import (
     METRICS,
-    bits_per_dim,
+    bits_figures,
     resolve_device,
     run_meta,
     save_checkpoint,
     seed_everything,
     write_json,
 )
+from training.config import FitJob, option
 from training.data import ImageData
 from training.distributed import Dist, single
 from training.shards import local, reopen_dataset, row_fetcher
 from training.vae import ACTIVATIONS, FLOW_TYPES, LIKELIHOODS, VAE, VAEConfig
 from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
 
+# K by kind when --flows is not given: 10 planar flows, the peers' setting, against which the quality models
+# of docs/benchmarks.md were compared.
 DEFAULT_FLOWS = {"vae": 0, "flow-vae": 10}
 SCHEDULES = ("constant", "cosine")
-# Gaussian figures are densities on [0, 1] data; bits/dim reads them as 256 levels per pixel.
-DISCRETE_BINS = 256
 ELBO_SAMPLES = 10  # S for the reported ELBOs (train / valid / test): a lower-variance MC estimate
 VALID_SAMPLES = 4  # S per validation row for model selection each epoch (the same eps every epoch)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("vae / flow-vae")
-    g.add_argument("--latent-dim", type=int, default=40, help="d, number of latent dimensions")
-    g.add_argument("--hidden", type=int, nargs="+", default=[512, 512], help="encoder hidden layer sizes")
-    g.add_argument("--decoder-hidden", type=int, nargs="+", default=None,
-                   help="decoder hidden layer sizes (default: the encoder's, reversed)")
-    g.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh")
-    g.add_argument("--flows", type=int, default=None,
-                   help="K planar flows (default: 10 for flow-vae, 0 for vae)")
-    g.add_argument("--flow-type", choices=FLOW_TYPES, default="amortized",
-                   help="amortized: flow parameters per image from the encoder; global: shared parameters")
-    g.add_argument("--likelihood", choices=LIKELIHOODS, default=None,
-                   help="p(x|z) (default: bernoulli for binary data, gaussian otherwise)")
-    g.add_argument("--var-floor", type=float, default=1e-3, help="gaussian: lower bound on the pixel variance")
-    g.add_argument("--epochs", type=int, default=600,
-                   help="maximum epochs (600: after 300 the validation ELBO still rose; doubling them gained 1.1 "
-                        "(vae) and 2.9 (flow-vae) nats of test NLL on the mean of 3 seeds, docs/benchmarks.md)")
-    g.add_argument("--batch-size", type=int, default=100)
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--lr-schedule", choices=SCHEDULES, default="cosine",
-                   help="cosine: decay the learning rate to 0 over --epochs (per step)")
-    g.add_argument("--weight-decay", type=float, default=0.1,
-                   help="decoupled weight decay (AdamW; 0 gives Adam): the main remedy against overfitting 3,600 rows")
-    g.add_argument("--warmup-epochs", type=float, default=100.0,
-                   help="KL warm-up: the weight of log p(z) - log q(z|x) rises linearly from 0 to 1 over these epochs")
-    g.add_argument("--patience", type=int, default=30,
-                   help="stop after this many epochs without a better validation ELBO (0: never)")
-    g.add_argument("--dynamic-binarization", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-binarize the continuous training rows each epoch (default: on when they exist)")
-    g.add_argument("--eval-samples", type=int, default=1000,
-                   help="S for the test importance-weighted log-likelihood in metrics.json")
-    g.add_argument("--chunk", type=int, default=50_000, help="(row, sample) pairs per pass when evaluating")
-    g.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default). 1 by default: at batch 100 a second thread "
-                        "gains little, and on a busy machine OpenMP threads waiting on each other slow "
-                        "training down tens of times (see docs/benchmarks.md)")
-    g.add_argument("--time-limit", type=float, default=None,
-                   help="stop training after this many seconds (the best epoch so far is kept)")
+@dataclass(frozen=True)
+class VAEFit:
+    """`fit --model vae|flow-vae` settings. The architecture's defaults are the model's own (VAEConfig in
+    training/vae.py, with their reasons); the training defaults give the quality models of docs/benchmarks.md."""
+
+    latent_dim: int = option(VAEConfig.latent_dim, "d, number of latent dimensions")
+    hidden: tuple[int, ...] = option(VAEConfig.encoder_hidden, "encoder hidden layer sizes")
+    decoder_hidden: tuple[int, ...] | None = option(None, "decoder hidden layer sizes (default: the encoder's, "
+                                                    "reversed)", type=int, nargs="+")
+    activation: str = option(VAEConfig.activation, "hidden-layer activation", choices=sorted(ACTIVATIONS))
+    flows: int | None = option(None, "K planar flows (default: {})".format(
+        ", ".join(f"{k} for {kind}" for kind, k in DEFAULT_FLOWS.items())), type=int)
+    flow_type: str = option(VAEConfig.flow_type, "amortized: flow parameters per image from the encoder; global: "
+                            "shared parameters", choices=FLOW_TYPES)
+    likelihood: str | None = option(None, "p(x|z) (default: bernoulli for binary data, gaussian otherwise)",
+                                    choices=LIKELIHOODS)
+    var_floor: float = option(VAEConfig.var_floor, "gaussian: lower bound on the pixel variance")
+    epochs: int = option(600, "maximum epochs (after 300 the validation ELBO still rose; docs/benchmarks.md, VAE "
+                         "quality)")
+    batch_size: int = option(100, "rows per Adam step (the peers' batch size); under torchrun the global batch, "
+                             "a multiple of the ranks")
+    lr: float = option(1e-3, "Adam learning rate (Adam's usual rate; the cosine schedule decays it)")
+    lr_schedule: str = option("cosine", "cosine: decay the learning rate to 0 over --epochs (per step)",
+                              choices=SCHEDULES)
+    weight_decay: float = option(0.1, "decoupled weight decay (AdamW; 0 gives Adam): the main remedy against "
+                                 "overfitting 3,600 rows")
+    warmup_epochs: float = option(100.0, "KL warm-up: the weight of log p(z) - log q(z|x) rises linearly from 0 to "
+                                  "1 over these epochs (fewer inactive latent units)")
+    patience: int = option(30, "stop after this many epochs without a better validation ELBO (0: never)")
+    dynamic_binarization: bool | None = option(None, "re-binarize the continuous training rows each epoch (default: "
+                                               "on when they exist: less overfitting than one fixed binarization)",
+                                               action=argparse.BooleanOptionalAction)
+    eval_samples: int = option(1000, "S for the test importance-weighted log-likelihood in metrics.json (the "
+                               "benchmark's S)")
+    chunk: int = option(50_000, "(row, sample) pairs per pass when evaluating (bounds the memory of a pass)")
+    threads: int = option(1, "torch CPU threads (0: torch's default). At batch 100 a second thread gains little, and "
+                          "on a busy machine OpenMP threads waiting on each other slow training down tens of times "
+                          "(see docs/benchmarks.md)")
+    time_limit: float | None = option(None, "stop training after this many seconds (the best epoch so far is "
+                                      "kept)", type=float)
 
 
-def _config(args: argparse.Namespace, data: ImageData) -> VAEConfig:
-    flows = DEFAULT_FLOWS[args.model] if args.flows is None else args.flows
-    if args.model == "vae" and flows != 0:
+Options = VAEFit
+
+
+def _config(kind: str, fit: VAEFit, data: ImageData) -> VAEConfig:
+    flows = DEFAULT_FLOWS[kind] if fit.flows is None else fit.flows
+    if kind == "vae" and flows != 0:
         raise ValueError(f"--model vae has no flows, got --flows {flows}; use --model flow-vae")
-    if args.model == "flow-vae" and flows < 1:
+    if kind == "flow-vae" and flows < 1:
         raise ValueError(f"--model flow-vae needs --flows >= 1, got {flows}; use --model vae for none")
-    likelihood = args.likelihood or ("bernoulli" if data.binary else "gaussian")
+    likelihood = fit.likelihood or ("bernoulli" if data.binary else "gaussian")
     return VAEConfig(
-        data_dim=data.data_dim, latent_dim=args.latent_dim, encoder_hidden=tuple(args.hidden),
-        decoder_hidden=tuple(args.decoder_hidden or args.hidden[::-1]), activation=args.activation,
-        likelihood=likelihood, var_floor=args.var_floor, flows=flows, flow_type=args.flow_type,
+        data_dim=data.data_dim, latent_dim=fit.latent_dim, encoder_hidden=tuple(fit.hidden),
+        decoder_hidden=tuple(fit.decoder_hidden or fit.hidden[::-1]), activation=fit.activation,
+        likelihood=likelihood, var_floor=fit.var_floor, flows=flows, flow_type=fit.flow_type,
     )
 
 
-def fit(args: argparse.Namespace, data: ImageData, out: Path, dist: Dist | None = None) -> dict:
+def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> dict:
+    args: VAEFit = job.model
+    kind, run = job.kind, job.run
     if len(data.valid) == 0:
         raise ValueError("vae training selects its epoch on validation rows: use --valid-fraction > 0")
-    dist = dist or single(args.device)
+    dist = dist or single(run.device)
     out = Path(out)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    seed_everything(args.seed)
+    seed_everything(run.seed)
     device = dist.device
-    if device.type == "cpu" and getattr(args, "threads", 0):
+    if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    cfg = _config(args, data)
+    cfg = _config(kind, args, data)
     model = VAE(cfg).to(device)
     dynamic = args.dynamic_binarization
     if dynamic is None:
@@ -127,17 +135,17 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path, dist: Dist | None 
     fetch = row_fetcher(data.train_probs if dynamic else data.train, device)
     valid_rows, x_valid = local(data.valid, dist)
     x_valid = torch.as_tensor(x_valid, **f32)
-    gen = torch.Generator(device=device).manual_seed(args.seed)  # in the same state on every rank
+    gen = torch.Generator(device=device).manual_seed(run.seed)  # in the same state on every rank
     # Every rank draws the noise of all validation rows and keeps its own: the one-process figures.
     valid_eps = torch.randn((len(data.valid), VALID_SAMPLES, cfg.latent_dim), generator=gen, **f32)[valid_rows]
 
     n, B = len(data.train), args.batch_size
-    batches = GlobalBatches(n, B, dist, args.seed)
+    batches = GlobalBatches(n, B, dist, run.seed)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
     forward = dist.wrap(LogWeightTerms(model))
-    opt = _optimizer(model, args)
+    opt = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
 
     def schedule(step: int) -> tuple[float | None, float]:
         """(learning rate or None to leave it, KL weight beta) for optimizer step `step` (0-based)."""
@@ -150,7 +158,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path, dist: Dist | None 
     best = {"elbo": -math.inf, "epoch": 0, "state": None}
     step, epoch = 0, 0
     start = time.perf_counter()
-    bar = tqdm(range(1, args.epochs + 1), desc=args.model, unit="epoch", disable=args.quiet or not dist.is_main)
+    bar = tqdm(range(1, args.epochs + 1), desc=kind, unit="epoch", disable=run.quiet or not dist.is_main)
     for epoch in bar:
         model.train()
         elbo_sum, step = train_epoch(forward, opt, fetch, batches, epoch, latent_dim=cfg.latent_dim, gen=gen,
@@ -162,7 +170,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path, dist: Dist | None 
         train_elbo, valid_elbo = float(elbo_sum) / n, float(valid_sum) / len(data.valid)
         if not math.isfinite(train_elbo):
             raise FloatingPointError(
-                f"{args.model} training diverged in epoch {epoch}: the training ELBO is {train_elbo} "
+                f"{kind} training diverged in epoch {epoch}: the training ELBO is {train_elbo} "
                 f"(learning rate {args.lr}); lower --lr or check the data for NaN/inf")
         history["train ELBO"].append(train_elbo)
         history["valid ELBO"].append(valid_elbo)
@@ -177,30 +185,30 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path, dist: Dist | None 
             break
     seconds = time.perf_counter() - start
     if best["state"] is None:
-        raise FloatingPointError(f"{args.model}: no epoch gave a finite validation ELBO")
+        raise FloatingPointError(f"{kind}: no epoch gave a finite validation ELBO")
     model.load_state_dict(best["state"])
     model = model.eval()
 
     settings = {
-        "model": args.model, "latent_dim": cfg.latent_dim, "hidden": list(cfg.encoder_hidden),
+        "model": kind, "latent_dim": cfg.latent_dim, "hidden": list(cfg.encoder_hidden),
         "decoder_hidden": list(cfg.decoder_hidden), "activation": cfg.activation, "flows": cfg.flows,
         "flow_type": cfg.flow_type if cfg.flows else None, "likelihood": cfg.likelihood,
         "epochs": args.epochs, "epochs_run": epoch, "best_epoch": best["epoch"], "batch_size": B,
         "lr": args.lr, "lr_schedule": args.lr_schedule, "weight_decay": args.weight_decay,
         "warmup_epochs": args.warmup_epochs, "patience": args.patience, "dynamic_binarization": dynamic,
-        "optimizer": type(opt).__name__, "seed": args.seed, "device": str(device), **dist.record(),
+        "optimizer": type(opt).__name__, "seed": run.seed, "device": str(device), **dist.record(),
         "threads": torch.get_num_threads(), "seconds": seconds,
     }
-    meta = run_meta(args, data, settings, history)
+    meta = run_meta(job.data, data, settings, history)
     config = asdict(cfg)
     config["encoder_hidden"], config["decoder_hidden"] = list(cfg.encoder_hidden), list(cfg.decoder_hidden)
     if dist.is_main:
-        save_checkpoint(out, kind=args.model, config=config,
+        save_checkpoint(out, kind=kind, config=config,
                         state_dict={k: v.cpu() for k, v in model.state_dict().items()}, meta=meta)
     eval_start = time.perf_counter()
-    figures = _figures(model, data, S=args.eval_samples, chunk=args.chunk, seed=args.seed, device=device, dist=dist)
+    figures = _figures(model, data, S=args.eval_samples, chunk=args.chunk, seed=run.seed, device=device, dist=dist)
     metrics = {
-        "model": args.model,
+        "model": kind,
         "dataset": data.summary(),
         "epochs": epoch,
         "best_epoch": best["epoch"],
@@ -212,27 +220,18 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path, dist: Dist | None 
     }
     if dist.is_main:
         write_json(out / METRICS, metrics)
-        _plots(model.cpu(), data, history, args.model, out)
+        _plots(model.cpu(), data, history, kind, out)
     return metrics
 
 
-def _optimizer(model: VAE, args: argparse.Namespace) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if args.weight_decay > 0 else torch.optim.Adam
-    kwargs = {"lr": args.lr, "weight_decay": args.weight_decay}
+def make_optimizer(model: VAE, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay (Adam when it is 0), fused where the device has the kernel."""
+    cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+    kwargs = {"lr": lr, "weight_decay": weight_decay}
     try:  # one fused kernel per step instead of a handful of ops per parameter tensor
         return cls(model.parameters(), fused=True, **kwargs)
     except (RuntimeError, TypeError):  # pragma: no cover - devices without a fused Adam
         return cls(model.parameters(), **kwargs)
-
-
-def _bits_note(data: ImageData, likelihood: str) -> tuple[int | None, str | None]:
-    """(discrete_bins for bits_per_dim, note), or (None, None) when bits/dim would mean nothing."""
-    if likelihood == "gaussian":
-        return DISCRETE_BINS, (f"density on [0, 1] data read as {DISCRETE_BINS} levels per pixel: "
-                               f"(-log p(x) + D log {DISCRETE_BINS}) / (D ln 2)")
-    if data.binary:
-        return None, "binary data, a probability mass: -log p(x) / (D ln 2)"
-    return None, None  # Bernoulli on non-binary data: not a probability, no bits/dim
 
 
 @torch.no_grad()
@@ -257,12 +256,12 @@ def _figures(model: VAE, data: ImageData, *, S: int, chunk: int, seed: int, devi
             [model.elbo(xb, ELBO_SAMPLES, gen) for xb in x.split(max(1, chunk // ELBO_SAMPLES))]))
     figures["elbo_samples"] = ELBO_SAMPLES
     ll = mean("test", lambda x, gen: model.importance_weighted_bound(x, S, chunk, gen))
-    bins, note = _bits_note(data, model.config.likelihood)
+    bpd, note = bits_figures(ll, data, model.config.likelihood)
     figures.update({
         "test_log_likelihood": ll,
         "log_likelihood_exact": False,
         "importance_samples": S,
-        "test_bits_per_dim": None if note is None else bits_per_dim(ll, data.data_dim, discrete_bins=bins),
+        "test_bits_per_dim": bpd,
         "bits_per_dim_note": note,
     })
     return figures
@@ -290,15 +289,14 @@ def build_model(ckpt: dict) -> VAE:
     return model.eval()
 
 
-def evaluate(ckpt: dict, args: argparse.Namespace) -> dict:
-    """Test figures of a fitted VAE: ELBO and importance-weighted log-likelihood with args.samples."""
-    seed_everything(args.seed)
-    device = resolve_device(getattr(args, "device", "cpu"))
+def evaluate(ckpt: dict, *, samples: int, seed: int, device: str) -> dict:
+    """Test figures of a fitted VAE: ELBO and importance-weighted log-likelihood with `samples` samples."""
+    seed_everything(seed)
     model = build_model(ckpt)
     meta = ckpt["meta"]
     data = reopen_dataset(meta)
-    figures = _figures(model, data, S=args.samples, chunk=getattr(args, "chunk", 50_000), seed=args.seed,
-                       device=device, splits=("test",))
+    figures = _figures(model, data, S=samples, chunk=VAEFit.chunk, seed=seed, device=resolve_device(device),
+                       splits=("test",))
     return {
         "model": ckpt["kind"],
         "dataset": meta["dataset"],
@@ -307,7 +305,7 @@ def evaluate(ckpt: dict, args: argparse.Namespace) -> dict:
         "elbo_samples": ELBO_SAMPLES,
         "test_log_likelihood": figures["test_log_likelihood"],
         "log_likelihood_exact": False,
-        "importance_samples": args.samples,
+        "importance_samples": samples,
         "test_bits_per_dim": figures["test_bits_per_dim"],
         "bits_per_dim_note": figures["bits_per_dim_note"],
         "latent_dim": model.config.latent_dim,

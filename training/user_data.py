@@ -14,8 +14,11 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-CHANNELS = (1, 3)
+from model_repository.card import CHANNELS
+from model_repository.pixels import resize, to_float
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # The smallest image side accepted (files, arrays and --image-size): the smallest images this project
 # models and serves are scikit-learn's 8x8 digits. A smaller side is nearly always a mistake: an [N, D]
@@ -207,14 +210,10 @@ def _load_image_folder(folder: Path, image_size: tuple[int, int] | None, channel
 
     All files are checked before any pixel is used: unreadable files, files below MIN_SIDE and, unless
     `channels` says what to convert them to, a mix of grayscale and colour files are each reported with
-    the files' names. Pixels are the service's own conversion of uploads (service/pixels.py: transparent
-    pixels on white, 16-bit images scaled by 65535, luma for gray), so that a file is the same pixels in
-    training and in serving.
+    the files' names. Pixels are converted as the service converts uploads (model_repository/pixels.py:
+    transparent pixels on white, 16-bit images scaled by 65535, luma for gray), so that a file is the same
+    pixels in training and in serving.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    from service.pixels import resize, to_float
-
     everything = [p for p in folder.rglob("*") if p.is_file()]
     files = sorted(p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import softplus
 
+from model_repository.card import FLOW_TYPES, LIKELIHOODS
+from model_repository.graphs import GRAPHS, decoder_outputs, encoder_outputs
 from training.flows import GlobalPlanarFlows, planar_flows, planar_flows_fast, u_hat
 
 LOG_2PI = math.log(2.0 * math.pi)
-LIKELIHOODS = ("bernoulli", "gaussian")
-FLOW_TYPES = ("amortized", "global")
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
@@ -36,7 +36,7 @@ class VAEConfig:
     latent_dim: int = 40  # the issue's benchmark latent size (as the peers' models)
     encoder_hidden: tuple[int, ...] = (512, 512)  # two 512-unit layers beat the peers' one on mnist5k-bin
     decoder_hidden: tuple[int, ...] = (512, 512)  # mirror of the encoder
-    activation: str = "tanh"  # 2.5 nats better than relu on mnist5k-bin test after 100 epochs (less overfitting)
+    activation: str = "tanh"  # overfits less than relu on mnist5k-bin (docs/benchmarks.md, VAE quality)
     likelihood: str = "bernoulli"  # binary images; 'gaussian' for continuous data
     var_floor: float = 1e-3  # gaussian only: var = exp(raw) + floor bounds the density on flat [0, 1] pixels
     flows: int = 0  # K planar flows; 0 = plain VAE
@@ -279,11 +279,9 @@ class BoundGraph(nn.Module):
 
 
 def export_modules(model: VAE) -> dict[str, tuple[nn.Module, list[str], list[str]]]:
-    """role -> (module, input names, output names) for the encoder, decoder and bound graphs."""
-    enc_out = ["mean", "log_var"] + (["flow_u", "flow_w", "flow_b", "z_k"] if model.config.flows > 0 else [])
-    dec_out = ["x_mean", "logits"] if model.config.likelihood == "bernoulli" else ["x_mean", "x_log_var"]
-    return {
-        "encoder": (EncoderGraph(model).eval(), ["x"], enc_out),
-        "decoder": (DecoderGraph(model).eval(), ["z"], dec_out),
-        "bound": (BoundGraph(model).eval(), ["x", "eps"], ["log_w"]),
-    }
+    """role -> (module, input names, output names) for the encoder, decoder and bound graphs, named as the
+    contract names them (model_repository/graphs.py)."""
+    outputs = {"encoder": encoder_outputs(model.config.flows > 0),
+               "decoder": decoder_outputs(model.config.likelihood), "bound": list(GRAPHS["bound"].outputs)}
+    modules = {"encoder": EncoderGraph(model), "decoder": DecoderGraph(model), "bound": BoundGraph(model)}
+    return {role: (module.eval(), list(GRAPHS[role].inputs), outputs[role]) for role, module in modules.items()}

@@ -5,19 +5,13 @@
     tensors.py   JSON tensors and the binary tensor data extension, in and out
     errors.py    errors on /v2 as `{"error": "..."}` (application/json)
 
-`install(app)` adds the routes and the error middleware; create_app calls it where the middleware order
-puts the error middleware outside the API key and body size checks (their errors are rewritten too).
+service/app.py puts `infer_routes` first and `routes` last among its routes, and the error middleware
+outside the API key and body size checks (their errors on /v2 are rewritten too).
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-
 from service.oip.errors import OIPErrorMiddleware
 from service.oip.routes import infer_routes, routes
 
-
-def install(app: FastAPI) -> None:
-    app.router.routes[:0] = infer_routes  # first: see service/oip/routes.py
-    app.router.routes.extend(routes)
-    app.add_middleware(OIPErrorMiddleware)
+__all__ = ["OIPErrorMiddleware", "infer_routes", "routes"]

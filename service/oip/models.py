@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from service.batcher import GraphRunner
 from service.errors import ProblemError
 from service.oip.tensors import GraphSpec
-from service.runtime import GraphRunner, LoadedModel, Runtime
+from service.runtime import LoadedModel, Runtime
 
 PLATFORM = "onnx_onnxv1"
 _SPECS: weakref.WeakKeyDictionary[GraphRunner, GraphSpec] = weakref.WeakKeyDictionary()

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from service import inference as infer
 from service import postprocess as post
-from service.errors import ProblemError
+from service.errors import DOMAIN_ERRORS, ProblemError, problem_for
 from service.inputs import INLINE_JSON_BYTES, offload
 from service.oip import models, tensors
 from service.oip.errors import error_response
@@ -145,10 +145,13 @@ class InferEndpoint:
     """model_infer as an ASGI app; its errors answered here, in the protocol's form."""
 
     async def __call__(self, scope, receive, send) -> None:
+        request = Request(scope, receive)
         try:
-            response = await model_infer(Request(scope, receive))
+            response = await model_infer(request)
         except ProblemError as e:
             response = error_response(e)
+        except DOMAIN_ERRORS as e:  # a full queue or work budget, a model not ready: service/errors.py answers
+            response = error_response(problem_for(e, request.app.state.settings.retry_after_s))
         except ClientDisconnect:  # nobody reads the answer (as service/errors.py answers it)
             response = Response(status_code=499)
         except Exception:  # noqa: BLE001 - a bug: logged with its trace, answered 500 in the protocol's form

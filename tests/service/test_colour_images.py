@@ -1,4 +1,4 @@
-"""Colour in service/images.py and service/pixels.py against Pillow, the reference.
+"""Colour in service/images.py and model_repository/pixels.py against Pillow, the reference.
 
 A colour model takes every upload as Pillow's "RGB" of it (transparent pixels composited onto white first,
 gray repeated into the three channels), resized channel by channel, flattened row-major with the channels
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import ProblemError
-from service.images import decode_image, json_image, json_image_size, png_grid, prepare
+from service.errors import problem_for
+from service.images import ImageError, decode_image, json_image, json_image_size, png_grid, prepare
 
 MAX_PIXELS = 1 << 20
 RNG = np.random.default_rng(0)
@@ -118,12 +118,12 @@ def test_json_colour_images():
         "pixels must be numbers, got a string": [[[0.1, 0.2, "x"]] * W] * H,
     }
     for message, values in bad.items():
-        with pytest.raises(ProblemError) as e:
+        with pytest.raises(ImageError) as e:
             json_image(values, (H, W), 0, channels=3)
-        assert e.value.status == 422 and message in e.value.detail, e.value.detail
-    with pytest.raises(ProblemError) as e:  # a grayscale model refuses colour arrays, as before
+        assert problem_for(e.value).status == 422 and message in str(e.value), e.value
+    with pytest.raises(ImageError) as e:  # a grayscale model refuses colour arrays, as before
         json_image(rgb.tolist(), (H, W), 0)
-    assert e.value.status == 422 and "pixels must be numbers, got an array" in e.value.detail
+    assert problem_for(e.value).status == 422 and "pixels must be numbers, got an array" in str(e.value)
 
 
 def test_png_grid_of_colour_images_is_rgb():

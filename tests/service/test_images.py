@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from service.errors import ProblemError
-from service.images import _png_gray8, decode_image, decode_with_pillow
+from service.errors import problem_for
+from service.images import ImageError, _png_gray8, decode_image, decode_with_pillow
 
 MAX_PIXELS = 4096
 
@@ -32,8 +32,8 @@ def outcome(decode, data: bytes) -> tuple[str, object]:
     """('pixels', array) or ('error', status) of one decoder on `data`."""
     try:
         return "pixels", decode(data, "t.png", max_pixels=MAX_PIXELS)
-    except ProblemError as e:
-        return "error", e.status
+    except ImageError as e:
+        return "error", problem_for(e).status
 
 
 def assert_same_outcome(data: bytes) -> None:
@@ -213,6 +213,15 @@ def test_declared_size_is_read_without_decoding(fmt, monkeypatch):
         monkeypatch.setattr(cls, "load", lambda self: pytest.fail("decoded"))
     assert declared_size(data, "x", max_pixels=MAX_PIXELS) == (37, 11)
     assert png_size(data) == ((37, 11) if fmt == "PNG" else None)
-    with pytest.raises(ProblemError) as e:
+    with pytest.raises(ImageError) as e:
         declared_size(b"not an image", "x", max_pixels=MAX_PIXELS)
-    assert e.value.status == 415
+    assert problem_for(e.value).status == 415
+
+
+def test_every_kind_of_image_error_has_its_http_answer():
+    """images.py raises domain errors; service/errors.py gives each its status (a kind without one: a 500)."""
+    kinds = ImageError.__subclasses__()
+    assert len(kinds) >= 7
+    statuses = {cls.__name__: problem_for(cls("images[0]: what is wrong")).status for cls in kinds}
+    assert set(statuses.values()) <= {413, 415, 422}, statuses
+    assert statuses["ImageTooLargeError"] == 413 and statuses["UnsupportedImageError"] == 415

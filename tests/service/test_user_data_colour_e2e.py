@@ -23,9 +23,10 @@ from PIL import Image
 from svc_helpers import start_server
 from user_data_checks import check_log_likelihood
 
-from service.repository import ModelRepositoryError, load_model_card
-from training.cli import driver_for, main
+from model_repository.card import ModelRepositoryError, load_model_card
+from training.cli import main
 from training.common import load_checkpoint
+from training.drivers import driver_for
 
 SHAPE = (16, 12)  # H > W
 TINY_VAE = ["--latent-dim", "3", "--hidden", "16", "--epochs", "3", "--batch-size", "8", "--eval-samples", "4",

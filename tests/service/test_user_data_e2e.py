@@ -27,8 +27,9 @@ from PIL import Image
 from svc_helpers import start_server
 from user_data_checks import check_log_likelihood
 
-from training.cli import driver_for, main
+from training.cli import main
 from training.common import load_checkpoint
+from training.drivers import driver_for
 
 TINY_VAE = ["--latent-dim", "3", "--hidden", "16", "--epochs", "3", "--batch-size", "8", "--eval-samples", "4",
             "--warmup-epochs", "1"]

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from training.cli import driver_for, main
+from training.cli import main
 from training.common import read_json
+from training.drivers import driver_for
 
 
 @pytest.mark.parametrize("method", ["em", "sem", "closed-form"])

@@ -2,15 +2,19 @@
 
 import pytest
 
-from service.repository import load_model_card
+from model_repository.card import load_model_card
 from training import defaults
+from training.config import DataOptions, FitJob
+from training.train_ppca import PPCAFit
+
+
+def _ppca(latent_dim: int) -> FitJob:
+    return FitJob("ppca", PPCAFit(method="closed-form", latent_dim=latent_dim), DataOptions("digits"))
 
 
 @pytest.fixture
 def tiny_defaults(monkeypatch):
-    monkeypatch.setattr(defaults, "DEFAULT_MODELS", {
-        "ppca-tiny": ["--model", "ppca", "--method", "closed-form", "--dataset", "digits", "--latent-dim", "3"],
-    })
+    monkeypatch.setattr(defaults, "DEFAULT_MODELS", {"ppca-tiny": _ppca(3)})
 
 
 def test_build_skip_and_rebuild(tmp_path, tiny_defaults):
@@ -31,10 +35,7 @@ def test_unknown_default_name(tmp_path, tiny_defaults):
 
 
 def test_parallel_build_in_subprocesses(tmp_path, monkeypatch):
-    monkeypatch.setattr(defaults, "DEFAULT_MODELS", {
-        "ppca-a": ["--model", "ppca", "--method", "closed-form", "--dataset", "digits", "--latent-dim", "2"],
-        "ppca-b": ["--model", "ppca", "--method", "closed-form", "--dataset", "digits", "--latent-dim", "3"],
-    })
+    monkeypatch.setattr(defaults, "DEFAULT_MODELS", {"ppca-a": _ppca(2), "ppca-b": _ppca(3)})
     status = defaults.build_defaults(tmp_path / "models", runs_dir=tmp_path / "runs", progress=False, jobs=2)
     assert status == {"ppca-a": "built", "ppca-b": "built"}
     assert load_model_card(tmp_path / "models" / "ppca-b").latent_dim == 3

@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.repository import ModelRepositoryError, discover_models, load_model_card
+from model_repository.card import ModelRepositoryError, load_model_card
+from service.repository import discover_models
 from training.cli import main
 from training.common import load_checkpoint
 from training.data import load_dataset

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.repository import load_model_card
+from model_repository.card import load_model_card
 from training.cli import main
 from training.common import load_checkpoint
 from training.data import load_dataset

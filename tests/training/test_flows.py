@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+from flow_reference import planar
 from torch.autograd.functional import jacobian
 
-from training.flows import U_HAT_MARGIN, GlobalPlanarFlows, m, planar, planar_flows, planar_flows_fast, u_hat
+from training.flows import U_HAT_MARGIN, GlobalPlanarFlows, m, planar_flows, planar_flows_fast, u_hat
 
 
 def _params(K: int, d: int, gen: torch.Generator, dtype=torch.float64, wu_shift: float = -3.0):

@@ -1,6 +1,5 @@
 """`python -m training fit --model vae|flow-vae` end to end on small data, and its error paths."""
 
-import argparse
 import json
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 from training import train_vae
 from training.cli import main
 from training.common import load_checkpoint, read_json
+from training.config import DataOptions, FitJob, RunOptions
 from training.data import load_dataset
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -52,15 +52,9 @@ def test_vae_on_mnist5k_bin_binarizes_dynamically_and_reports_bits_per_dim(tmp_p
     assert metrics["dataset"]["n_train"] == 3600 and metrics["dataset"]["n_test"] == 1000
 
 
-def _args(**kw) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    train_vae.add_arguments(parser)
-    args = parser.parse_args([])
-    base = dict(model="flow-vae", dataset="digits", seed=0, device="cpu", valid_fraction=0.1, quiet=True,
-                hidden=[16], flows=2, epochs=2, eval_samples=5)
-    for k, v in {**base, **kw}.items():
-        setattr(args, k, v)
-    return args
+def _job(**kw) -> FitJob:
+    settings = train_vae.VAEFit(**{"hidden": (16,), "flows": 2, "epochs": 2, "eval_samples": 5, **kw})
+    return FitJob("flow-vae", settings, DataOptions("digits"), RunOptions(device="cpu", quiet=True))
 
 
 def test_nan_stops_training_with_a_clear_error(tmp_path, monkeypatch):
@@ -73,7 +67,7 @@ def test_nan_stops_training_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(train_vae.VAE, "log_weight_terms", poisoned)
     data = load_dataset("digits")
     with pytest.raises(FloatingPointError, match=r"flow-vae training diverged in epoch 1: the training ELBO is nan"):
-        train_vae.fit(_args(), data, tmp_path)
+        train_vae.fit(_job(), data, tmp_path)
 
 
 def test_flow_count_must_match_the_kind(tmp_path, capsys):
@@ -83,4 +77,4 @@ def test_flow_count_must_match_the_kind(tmp_path, capsys):
     assert "needs --flows >= 1" in capsys.readouterr().err
     data = load_dataset("digits")
     with pytest.raises(ValueError, match="needs continuous training intensities"):
-        train_vae.fit(_args(dynamic_binarization=True, likelihood="bernoulli"), data, tmp_path)
+        train_vae.fit(_job(dynamic_binarization=True, likelihood="bernoulli"), data, tmp_path)

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
+from flow_reference import planar
 from torch.autograd.functional import jacobian
 from torch.distributions import Bernoulli, MultivariateNormal, Normal
 
-from training.flows import planar, planar_flows
+from training.flows import planar_flows
 from training.vae import VAE, VAEConfig, export_modules
 
 

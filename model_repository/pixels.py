@@ -12,8 +12,6 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-# Channels a model may have: grayscale or RGB.
-CHANNELS = (1, 3)
 # Pillow modes with one channel (LA and La: one channel and alpha).
 _ONE_CHANNEL_MODES = ("1", "L", "LA", "La", "I", "F")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

@@ -181,7 +181,7 @@ def test_request_id_metrics_and_openapi(client):
     text = client.get("/metrics").text
     for metric in ("latentserve_requests_total", "latentserve_request_duration_seconds_bucket",
                    "latentserve_batch_size_bucket", "latentserve_queue_time_seconds_bucket",
-                   "latentserve_errors_total", "latentserve_request_items"):
+                   "latentserve_errors_total"):
         assert metric in text, metric
     assert 'endpoint="/encode",model="ppca-digits"' in text
     schema = client.get("/openapi.json").json()
@@ -234,15 +234,16 @@ def test_access_log_is_one_json_line(client, caplog):
     assert line["batch_size"] == 2 and line["latency_ms"] > 0
 
 
-def test_a_request_route_handler_takes_the_request_alone():
+def test_a_request_route_handler_takes_the_request_and_its_query_alone():
     """RequestRoute calls its handler without FastAPI's parameter solving: any other parameter would be lost."""
-    from service.app import RequestRoute
+    from service.endpoint import RequestRoute
+    from service.schemas import SampleQuery
 
-    async def takes_a_query(request, n: int = 1):  # pragma: no cover - never called
+    async def takes_more(request, q, n: int = 1):  # pragma: no cover - never called
         return None
 
-    with pytest.raises(TypeError, match=r"takes \(request\) alone, got \['request', 'n'\]"):
-        RequestRoute("/x", takes_a_query, methods=["GET"])
+    with pytest.raises(TypeError, match=r"takes \(request, query\), got \['request', 'q', 'n'\]"):
+        RequestRoute("/x", takes_more, query=SampleQuery, methods=["GET"])
 
 
 def test_query_strings_are_read_as_starlette_reads_them(client):
@@ -260,7 +261,7 @@ def test_encoder_without_zk_output_gets_it_from_the_flow_parameters(model_repo, 
 
     import onnx
 
-    from service.repository import sha256_file
+    from model_repository.card import sha256_file
 
     name = need("flow-vae-digits")
     old = tmp_path / "models" / name

@@ -17,7 +17,8 @@ import pytest
 from onnx import TensorProto, helper
 from svc_helpers import image_bytes, start_server
 
-from service.repository import public_reason, sha256_file
+from model_repository.card import sha256_file
+from service.repository import public_reason
 
 GOOD = "ppca-digits"
 # A folder owned by another user with mode 0700, as `lost+found` at the root of a fresh volume is to the

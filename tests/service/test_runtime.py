@@ -11,8 +11,8 @@ import torch
 
 
 def _torch_model(model_repo, name):
-    from training.cli import driver_for
     from training.common import load_checkpoint
+    from training.drivers import driver_for
 
     ckpt = load_checkpoint(model_repo / name)
     return driver_for(ckpt["kind"]).build_model(ckpt)

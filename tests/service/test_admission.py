@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from svc_helpers import run_async, settings_for, start_server
 
 from service import bound
-from service.admission import WorkBudget
-from service.errors import ProblemError
+from service.admission import BusyError, WorkBudget
+from service.batcher import GraphRunner, QueueFullError, session_options
+from service.errors import problem_for
 from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, NonFiniteOutputError, Offload
-from service.runtime import GraphRunner, QueueFullError, session_options
 
 # ------------------------------------------------------------------------------------------------
 # The bound graph computes each image's own samples, not 8 padded images
@@ -166,13 +166,14 @@ def test_a_failed_chunk_cancels_its_queued_siblings():
 def test_budget_admits_until_full_then_refuses():
     b = WorkBudget(100, 2, Metrics())
     b.acquire(500, "m")  # larger than the whole budget: runs, but only alone
-    with pytest.raises(ProblemError) as e:
+    with pytest.raises(BusyError) as e:
         b.acquire(1, "m")
-    assert e.value.status == 429 and e.value.headers == {"Retry-After": "2"} and e.value.slug == "queue-full"
+    p = problem_for(e.value, retry_after_s=2)  # as answered
+    assert p.status == 429 and p.headers == {"Retry-After": "2"} and p.slug == "queue-full"
     b.release(500)
     b.acquire(60, "m")
     b.acquire(40, "m")
-    with pytest.raises(ProblemError):
+    with pytest.raises(BusyError):
         b.acquire(1, "m")
     b.release(40)
     b.acquire(40, "m")

@@ -1,17 +1,45 @@
-"""OpenAPI for the inference endpoints, whose handlers read their query and body themselves
-(service/inputs.py): the request bodies and query parameters, and the limits of the live Settings and of
-the loaded models written into the schema, so that it says exactly what is accepted."""
+"""The OpenAPI schema: FastAPI's, plus what it cannot know.
+
+- problem+json (service/errors.py) for every error response, with Retry-After on 429 and 503;
+- the query parameters and request bodies of the inference endpoints, whose handlers read them
+  themselves (service/endpoint.py, service/inputs.py);
+- the API key's security schemes when one is set;
+- the limits of the live Settings and of the loaded models (`openapi_limits`), so that the schema says
+  exactly what is accepted.
+"""
 
 from __future__ import annotations
 
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from service import bound
+from service.errors import PROBLEM_MEDIA_TYPE
 from service.inputs import QUERY_LIMITS
-from service.schemas import DecodeRequest, ImagesJSON
+from service.schemas import DecodeRequest, ImagesJSON, Problem
 from service.settings import Settings
 
-_IMAGE_BODY = {
+ERROR_DESCRIPTIONS = {
+    400: "Malformed request (multipart syntax, Content-Length)",
+    401: "API key missing or wrong (when the service has one)",
+    404: "Unknown model",
+    413: "Body, image, request or response image too large",
+    415: "Unsupported media type (request body or image format)",
+    422: "Invalid input: says what was expected",
+    429: "Busy (work budget or queue full): retry after the Retry-After header's seconds",
+    503: "Models not loaded yet",
+}
+
+
+def error_responses(*codes: int) -> dict:
+    """`responses` of a route that may answer these error statuses (problem+json: see `openapi`)."""
+    return {c: {"model": Problem, "description": ERROR_DESCRIPTIONS[c]} for c in codes}
+
+
+PNG_RESPONSE = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+
+IMAGE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
@@ -28,7 +56,7 @@ _IMAGE_BODY = {
 }
 
 
-def _query_openapi(params: type[BaseModel], **extra) -> dict:
+def query_openapi(params: type[BaseModel], **extra) -> dict:
     """`openapi_extra` of a route whose handler reads its query with `read_query(request, params)`."""
     schema = params.model_json_schema()
     parameters = []
@@ -39,12 +67,45 @@ def _query_openapi(params: type[BaseModel], **extra) -> dict:
     return {"parameters": parameters, **extra}
 
 
-_DECODE_BODY = {
+DECODE_BODY = {
     "requestBody": {"required": True,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DecodeRequest"}}}}
 }
 # Bodies the handlers read themselves (read_json): their schemas go into the OpenAPI components by hand.
 _BODY_SCHEMAS = (ImagesJSON, DecodeRequest)
+
+
+def openapi(app: FastAPI) -> dict:
+    """The app's schema (`app.openapi`), cached once the models are loaded (it states their sizes)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    for body in _BODY_SCHEMAS:
+        extra = body.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(extra.pop("$defs", {}))
+        comps[body.__name__] = extra
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    for path_item in schema.get("paths", {}).values():
+        for op in path_item.values():
+            for code, resp in op.get("responses", {}).items():
+                if code.isdigit() and int(code) >= 400:
+                    resp["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}
+                    if code in ("429", "503"):
+                        resp["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                                           "description": "seconds"}}
+    if app.state.settings.api_key is not None:
+        schema["components"]["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer"},
+        }
+        schema["security"] = [{"apiKey": []}, {"bearer": []}]
+    runtime = app.state.runtime
+    openapi_limits(schema, app.state.settings, list(runtime.models.values()) if runtime.ready else None,
+                   runtime.default_model)
+    if runtime.ready:
+        app.openapi_schema = schema
+    return schema
 
 
 def openapi_limits(schema: dict, settings: Settings, models: list | None = None,

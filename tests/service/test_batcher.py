@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from svc_helpers import image_bytes, run_async, settings_for
 
+from service.batcher import GraphRunner, session_options
 from service.metrics import Metrics
-from service.runtime import GraphRunner, session_options
 
 
 def _requests(names, digits):
