@@ -7,7 +7,7 @@ Architecture as the peers': encoder 784-512-80, decoder 40-512-784, 10 planar fl
 planar flows (pyro, normflows, pythae) have global parameters, so "flow-vae (global)" is exactly their
 model; "flow-vae (amortized)" is this project's default, whose encoder has K (2d + 1) = 810 more outputs
 (the flow parameters of each image) on the same 512 units. An epoch is
-what `training.train_vae.train_epoch` does, plus the binarization; the figure is the median over
+what `training.vae_epoch.train_epoch` does in one process, the binarization included; the figure is the median over
 `--epochs` epochs after one warm-up epoch. Prints and records a section in docs/benchmarks.md.
 """
 
@@ -22,8 +22,10 @@ import torch
 
 from bench.report import publish, table
 from training.data import mnist5k_raw, mnist5k_split
-from training.train_vae import make_optimizer, train_epoch
+from training.distributed import Dist
+from training.train_vae import make_optimizer
 from training.vae import VAE, VAEConfig
+from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
 
 
 def time_epochs(flows: int, epochs: int, seed: int = 0, flow_type: str = "amortized") -> list[float]:
@@ -34,11 +36,12 @@ def time_epochs(flows: int, epochs: int, seed: int = 0, flow_type: str = "amorti
     model = VAE(cfg).train()
     opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
+    batches = GlobalBatches(len(probs), 100, Dist(), seed)
     times = []
-    for _ in range(epochs + 1):
+    for epoch in range(epochs + 1):
         t = time.perf_counter()
-        xs = (torch.rand(probs.shape, generator=gen) < probs).float()
-        train_epoch(model, opt, xs, batch_size=100, gen=gen)
+        train_epoch(LogWeightTerms(model), opt, lambda rows: probs[rows], batches, epoch, latent_dim=40, gen=gen,
+                    binarize=True)
         times.append(time.perf_counter() - t)
     return times[1:]  # the first epoch warms up allocator and kernels
 

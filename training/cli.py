@@ -4,6 +4,7 @@
     python -m training evaluate runs/ppca
     python -m training export runs/ppca --out models/ppca-digits
     python -m training build-defaults --models-dir models
+    torchrun --nproc-per-node 2 -m training fit --model vae --dataset digits --out runs/vae   # 2 processes
 
 Each model kind has a driver (training/drivers.py) whose settings dataclass gives `fit` its own options;
 the commands here only parse, dispatch and print. The imports inside `main` keep `--help` and the
@@ -75,9 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "fit":
+            from training.distributed import PeerError
             from training.fitting import fit
 
-            print(json.dumps(fit(fit_job(args), args.out, export=not args.no_export), indent=2))
+            try:
+                metrics = fit(fit_job(args), args.out, export=not args.no_export)
+            except PeerError as e:  # another rank of a torchrun job died or hung
+                print(f"error: {e}", file=sys.stderr)
+                return 3
+            if metrics is not None:  # rank 0 of a torchrun job (or the one process) reports
+                print(json.dumps(metrics, indent=2))
             return 0
         if args.command == "evaluate":
             ckpt = load_checkpoint(args.run_dir)

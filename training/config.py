@@ -78,6 +78,9 @@ class RunOptions:
     seed: int = option(0, "seeds the initial weights, the data order and every noise draw: runs repeat exactly")
     device: str = option("auto", "auto (CUDA when torch sees a GPU, else the CPU), cpu or cuda[:N]")
     quiet: bool = option(False, "no progress bar (parallel fits and logs)", action="store_true")
+    dist_timeout: float = option(600.0, "under torchrun: seconds a rank waits for the others in a collective before "
+                                 "the job stops with an error (a rank that died or hung); between two collectives "
+                                 "the ranks do equal shares of work, or rank 0 writes the checkpoint: far below it")
 
 
 @dataclass(frozen=True)

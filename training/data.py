@@ -107,10 +107,7 @@ def load_dataset(
     rows are the last ``valid_fraction`` of the training rows after a seeded shuffle. ``channels`` (1 or 3)
     converts user data to grayscale or RGB; by default it follows the data (the embedded sets are grayscale).
     """
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    check_fractions(valid_fraction, test_fraction)
     name = str(spec)
     probs = None
     n_channels = 1
@@ -154,6 +151,13 @@ def load_dataset(
         train_probs=None if probs is None else probs[train_idx],
         channels=n_channels,
     )
+
+
+def check_fractions(valid_fraction: float, test_fraction: float) -> None:
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
 
 
 def _n_valid(n_train: int, valid_fraction: float) -> int:

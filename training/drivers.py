@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the drivers import torch; the registry itself stays light f
 
     from training.config import FitJob
     from training.data import ImageData
+    from training.distributed import Dist
 
 # kind -> driver module (imported on first use: each pulls in torch)
 DRIVERS = {
@@ -29,8 +30,9 @@ DRIVERS = {
 class Driver(Protocol):
     Options: type  # the kind's fit settings: a dataclass of training.config.option fields
 
-    def fit(self, job: FitJob, data: ImageData, out: Path) -> dict[str, Any]:
-        """Fit `job.model` on `data`; write the checkpoint, metrics.json and plots into `out`; the metrics."""
+    def fit(self, job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> dict[str, Any]:
+        """Fit `job.model` on `data`; write the checkpoint, metrics.json and plots into `out`; the metrics.
+        Under torchrun `dist` is this rank's: sums are reduced over the ranks, and only rank 0 writes."""
 
     def evaluate(self, ckpt: dict, *, samples: int, seed: int, device: str) -> dict[str, Any]:
         """Test figures of a checkpoint (`samples` importance samples where the bound needs them)."""

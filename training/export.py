@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from model_repository.card import CARD, sha256_file, write_card
 from model_repository.graphs import EPS, GRAPHS, X, Z
 from training.common import METRICS, load_checkpoint, read_json
-from training.data import reload_dataset
 from training.drivers import driver_for
+from training.shards import reopen_dataset
 from training.user_data import DataError
 from training.vae import export_modules
 
@@ -296,7 +296,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
 def _real_inputs(meta: dict) -> np.ndarray | None:
     """Test rows of the model's dataset, for the parity check on real images (None if unavailable)."""
     try:
-        data = reload_dataset(meta)
+        data = reopen_dataset(meta)  # a .npy / IDX file stays mapped: only the rows drawn are read
     except (DataError, OSError, ValueError) as e:
         log.warning("parity on real inputs skipped: cannot reload dataset %r (%s)", meta.get("dataset"), e)
         return None

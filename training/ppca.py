@@ -19,13 +19,16 @@ Everything is in float64 and in nats, with every constant of the Gaussian densit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 LOG_2PI = math.log(2.0 * math.pi)
+# Sums over the ranks of a distributed fit (training.distributed.Dist.sum): tensors in, their float64 sums
+# over all ranks out, in one collective. None: the rows given are all the rows.
+Reduce = Callable[..., tuple[Tensor, ...]]
 
 
 @dataclass
@@ -150,19 +153,48 @@ def closed_form(x: Tensor, latent_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     return mu, W, sigma2
 
 
+def closed_form_from_sums(x: Tensor, latent_dim: int, reduce: Reduce) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`closed_form` for rows spread over ranks, from float64 sums: N and sum x, then the centred
+    scatter sum (x - mu)(x - mu)^T (D x D), each all-reduced once; S = scatter / N is eigendecomposed.
+
+    The scatter is taken about the global mean (a second all-reduce) rather than as sum x x^T - N mu mu^T,
+    whose difference of two large terms loses digits when the mean is large against the spread.
+    """
+    D = x.shape[1]
+    if not 1 <= latent_dim < D:
+        raise ValueError(f"latent_dim must be in [1, {D}), got {latent_dim}")
+    x = x.to(torch.float64)
+    n, s1 = reduce(float(len(x)), x.sum(0))
+    if not n >= 2:
+        raise ValueError(f"need at least 2 rows to fit, got {int(n)}")
+    mu = s1 / n
+    xc = x - mu
+    (scatter,) = reduce(xc.T @ xc)
+    lam, U = torch.linalg.eigh(scatter / n)  # ascending
+    lam, U = lam.flip(0), U.flip(1)
+    sigma2 = (lam.sum() - lam[:latent_dim].sum()) / (D - latent_dim)
+    if not sigma2 > 0:
+        raise ValueError(f"the {int(n)} training rows lie in a subspace of dimension <= latent_dim = {latent_dim}: "
+                         "sigma2 would be 0; use a latent_dim below the rank of the centred data, or more rows")
+    W = U[:, :latent_dim] * (lam[:latent_dim] - sigma2).clamp_min(0.0).sqrt()
+    return mu, W, sigma2
+
+
 def chunks(x: Tensor, size: int) -> Iterator[Tensor]:
     for start in range(0, len(x), size):
         yield x[start : start + size]
 
 
 @torch.no_grad()
-def em_step(model: PPCA, x: Tensor, chunk_size: int = 4096) -> None:
+def em_step(model: PPCA, x: Tensor, chunk_size: int = 4096, reduce: Reduce | None = None) -> None:
     """One exact EM iteration (Tipping & Bishop 1999, eqs. 27-28 written over the data, not S).
 
     E-step, per row: E[z] = M^-1 W^T (x - mu),  E[z z^T] = sigma2 M^-1 + E[z] E[z]^T.
     M-step:  W' = (sum x_c E[z]^T) (sum E[z z^T])^-1,
              sigma2' = (sum |x_c|^2 - 2 sum E[z]^T W'^T x_c + tr(sum E[z z^T] W'^T W')) / (N D).
     mu is its ML value, the data mean, throughout. Sums run over chunks: O(N D d) time, O(chunk D) memory.
+    With `reduce`, x is one rank's rows and the four sums (and N) are all-reduced in one collective, so
+    every rank takes the same M-step.
     """
     N, D = x.shape
     d = model.config.latent_dim
@@ -178,6 +210,8 @@ def em_step(model: PPCA, x: Tensor, chunk_size: int = 4096) -> None:
         sum_xc_Ez += xc.T @ Ez
         sum_Ez_Ez += Ez.T @ Ez
         sum_sq += xc.pow(2).sum()
+    if reduce is not None:
+        sum_xc_Ez, sum_Ez_Ez, sum_sq, N = reduce(sum_xc_Ez, sum_Ez_Ez, sum_sq, float(N))
     sum_Ezz = N * model.sigma2 * M_inv + sum_Ez_Ez
     W_new = torch.linalg.solve(sum_Ezz, sum_xc_Ez.T).T  # sum_Ezz is symmetric
     sigma2_new = (sum_sq - 2.0 * (sum_xc_Ez * W_new).sum() + (sum_Ezz * (W_new.T @ W_new)).sum()) / (N * D)
@@ -185,18 +219,30 @@ def em_step(model: PPCA, x: Tensor, chunk_size: int = 4096) -> None:
 
 
 @torch.no_grad()
-def init_from_data(model: PPCA, x: Tensor, generator: torch.Generator | None = None) -> PPCA:
-    """A neutral start: mu = the rows' mean, W small random, sigma2 = the mean pixel variance."""
+def init_from_data(model: PPCA, x: Tensor, generator: torch.Generator | None = None,
+                   reduce: Reduce | None = None) -> PPCA:
+    """A neutral start: mu = the rows' mean, W small random, sigma2 = the mean pixel variance.
+
+    With `reduce`, over all ranks' rows; W is the same on every rank when their generators are seeded alike.
+    """
     x = model._check_x(x)
     D, d = model.config.data_dim, model.config.latent_dim
-    mu = x.mean(0)
-    var = (x - mu).pow(2).mean().clamp_min(1e-12)
+    if reduce is None:
+        mu = x.mean(0)
+        var = (x - mu).pow(2).mean().clamp_min(1e-12)
+    else:
+        n, s1 = reduce(float(len(x)), x.sum(0))
+        mu = s1 / n
+        var = (reduce((x - mu).pow(2).sum())[0] / (n * D)).clamp_min(1e-12)
     W = torch.randn(D, d, dtype=x.dtype, device=x.device, generator=generator) * (0.1 * var.sqrt())
     return model.set_parameters(mu, W, var)
 
 
 @torch.no_grad()
-def mean_log_prob(model: PPCA, x: Tensor, chunk_size: int = 4096) -> float:
-    """Mean exact log p(x) over the rows of x, in nats per image, evaluated in chunks."""
+def mean_log_prob(model: PPCA, x: Tensor, chunk_size: int = 4096, reduce: Reduce | None = None) -> float:
+    """Mean exact log p(x) over the rows of x (with `reduce`: of all ranks), in nats per image, in chunks."""
     total = sum(float(model.log_prob(xb.to(model.W.device)).sum()) for xb in chunks(x, chunk_size))
-    return total / len(x)
+    if reduce is None:
+        return total / len(x)
+    total, n = reduce(total, float(len(x)))
+    return float(total / n)

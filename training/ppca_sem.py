@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from training.distributed import Dist
 from training.ppca import PPCA
 
 STEPS = ("natural", "plain")
@@ -131,14 +132,36 @@ class StochasticEM:
     a given number of further points has been seen; ``last_kappa`` is the step size of the last step.
     The object owns the model's parameters while it runs: it keeps the Cholesky factor of M from each
     step's check for the next E'-step (computing W^T W is most of a one-row step's cost).
+
+    Across ranks (``dist`` of a torchrun fit): ``x`` is this rank's rows, each rank draws its share of every
+    batch from them with its own generator, and the batch's sums (of r, r z^T, |r|^2, u u^T and the rows)
+    are all-reduced, so every rank takes the step of the whole batch: the same kappa, the same parameters.
+    N (the rows of all ranks) sets the epochs of the step-size decay.
     """
 
-    def __init__(self, model: PPCA, x: Tensor, settings: SEMSettings, generator: torch.Generator | None = None):
+    def __init__(self, model: PPCA, x: Tensor, settings: SEMSettings, generator: torch.Generator | None = None,
+                 dist: Dist | None = None):
         self.x = model._check_x(x)
-        settings.validate(len(self.x))
+        self.dist = dist = dist or Dist()
+        if dist.enabled:
+            n, empty = dist.sum(float(len(self.x)), float(len(self.x) == 0))
+            if empty > 0 or settings.batch_size < dist.world_size:
+                raise ValueError(f"stochastic EM on {dist.world_size} ranks needs at least one row per rank and a "
+                                 f"batch size of at least {dist.world_size}; got {int(empty)} ranks without rows "
+                                 f"and batch size {settings.batch_size}")
+            self.n_total = int(n)
+        else:
+            self.n_total = len(self.x)
+        settings.validate(self.n_total)
         self.model, self.settings, self.generator = model, settings, generator
+        # This rank's rows of each batch: the batch size split as evenly as it goes.
+        self.local_batch = settings.batch_size // dist.world_size + (dist.rank < settings.batch_size % dist.world_size)
         # c^2 of the plain step's coordinates: the mean pixel variance, fixed for the whole fit.
-        self.c2 = float((self.x - self.x.mean(0)).pow(2).mean())
+        if dist.enabled:
+            mean = dist.sum(self.x.sum(0))[0] / self.n_total
+            self.c2 = float(dist.sum((self.x - mean).pow(2).sum())[0] / (self.n_total * self.x.shape[1]))
+        else:
+            self.c2 = float((self.x - self.x.mean(0)).pow(2).mean())
         if not self.c2 > 0:
             raise ValueError("the training rows are all equal: there is no variance to model")
         self.steps = 0
@@ -154,12 +177,12 @@ class StochasticEM:
         if s.kappa0 is not None:
             return s.kappa0 / (1.0 + self.steps / s.t0) ** s.power
         d = self.model.config.latent_dim
-        eta = s.rho0 / (d + 1) / (1.0 + self.points_seen / len(self.x)) ** s.power
+        eta = s.rho0 / (d + 1) / (1.0 + self.points_seen / self.n_total) ** s.power
         return min(1.0 / curvature, batch * eta)
 
     # -- sampling -----------------------------------------------------------------------------
     def _next_batch(self) -> Tensor:
-        B, N = self.settings.batch_size, len(self.x)
+        B, N = self.local_batch, len(self.x)
         if self.settings.sampling == "with-replacement":
             idx = torch.randint(N, (B,), device=self.x.device, generator=self.generator)
         else:  # shuffled passes; the last batch of a pass is shorter when B does not divide N
@@ -188,17 +211,20 @@ class StochasticEM:
         xc = xb - mu
         z = sample_posterior(xc, W, s2, chol, self.generator)
         r = xc - z @ W.T
-        r2 = r.pow(2).sum(1)
-        g_mu = r.mean(0) / s2
-        g_W = r.T @ z / (B * s2)
-        g_s = (r2 / (2.0 * s2) - D / 2.0).mean()
+        sum_r, sum_rz, sum_r2 = r.sum(0), r.T @ z, r.pow(2).sum()
+        u = torch.cat([torch.ones(B, 1, dtype=z.dtype, device=z.device), z], 1)
+        if self.dist.enabled:  # the whole batch's sums, from every rank's share
+            sum_r, sum_rz, sum_r2, gram, n = self.dist.sum(sum_r, sum_rz, sum_r2, u.T @ u, float(B))
+            B = int(n)
+        else:  # lambda_max(u^T u / B) through the smaller of the two Gram matrices: B x B for small batches
+            gram = u @ u.T if u.shape[1] >= B else u.T @ u
+        g_mu = sum_r / (B * s2)
+        g_W = sum_rz / (B * s2)
+        g_s = sum_r2 / (2.0 * s2 * B) - D / 2.0
 
         q = self.c2 if self.settings.step == "plain" else float(s2)
-        u = torch.cat([torch.ones(B, 1, dtype=z.dtype, device=z.device), z], 1)
-        # lambda_max(u^T u / B) through the smaller of the two Gram matrices: B x B for small batches.
-        gram = u @ u.T if u.shape[1] >= B else u.T @ u
         lam_u = float(torch.linalg.eigvalsh(gram / B)[-1])
-        curvature = max(lam_u * q / float(s2), float(r2.mean() / (D * s2)))
+        curvature = max(lam_u * q / float(s2), float(sum_r2 / (B * D * s2)))
         kappa = self.kappa(curvature, B)
 
         mu_new = mu + (kappa * q) * g_mu
@@ -238,7 +264,7 @@ class StochasticEM:
 
     def _raise(self, reason: str, kappa: float, curvature: float) -> None:
         s = self.settings
-        N = len(self.x)
+        N = self.n_total
         where = (f"step {self.steps + 1} (epoch {self.points_seen // N + 1}, {self.points_seen} points seen, "
                  f"batch size {s.batch_size}, --step {s.step})")
         limit = 1.0 / curvature if math.isfinite(curvature) and curvature > 0 else float("nan")

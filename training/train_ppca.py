@@ -1,5 +1,10 @@
 """Driver for `python -m training fit --model ppca`: fit by closed form, EM or stochastic EM, then
-write the checkpoint, `metrics.json` and plots. The math lives in :mod:`training.ppca`."""
+write the checkpoint, `metrics.json` and plots. The math lives in :mod:`training.ppca`.
+
+Under torchrun each rank holds its own rows (training/shards.py) and every fit runs on all-reduced sums:
+the closed form from N, sum x and the scatter, EM from one all-reduce of its sufficient statistics per
+iteration, stochastic EM from each step's batch sums; the log-likelihoods are sums and counts. Every rank
+then holds the same parameters and takes the same stopping decision; rank 0 writes the files."""
 
 from __future__ import annotations
 
@@ -14,25 +19,28 @@ from tqdm import tqdm
 
 from training import plots
 from training.common import (
+    CHECKPOINT,
     METRICS,
     bits_figures,
-    resolve_device,
     run_meta,
     save_checkpoint,
     seed_everything,
     write_json,
 )
 from training.config import FitJob, option
-from training.data import ImageData, reload_dataset
+from training.data import ImageData
+from training.distributed import Dist, single
 from training.ppca import (
     PPCA,
     PPCAConfig,
     closed_form,
+    closed_form_from_sums,
     em_step,
     init_from_data,
     mean_log_prob,
 )
 from training.ppca_sem import SAMPLINGS, STEPS, DivergenceError, SEMSettings, StochasticEM
+from training.shards import local, reopen_dataset
 
 METHODS = ("em", "sem", "closed-form")
 EM_MAX_ITERATIONS = 5000  # a cap a converging fit does not reach: EM stops at --tol (docs/benchmarks.md)
@@ -88,36 +96,44 @@ class PPCAFit:
 Options = PPCAFit
 
 
-def fit(job: FitJob, data: ImageData, out: Path) -> dict:
+def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> dict:
     cfg: PPCAFit = job.model
     run = job.run
+    dist = dist or single(run.device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     seed_everything(run.seed)
-    device = resolve_device(run.device)
-    x = torch.as_tensor(data.train, dtype=torch.float64, device=device)
+    device = dist.device
+    reduce = dist.sum if dist.enabled else None
+    x = torch.as_tensor(local(data.train, dist)[1], dtype=torch.float64, device=device)
     config = PPCAConfig(data_dim=data.data_dim, latent_dim=cfg.latent_dim)
     model = PPCA(config).to(device)
-    generator = torch.Generator(device=device).manual_seed(run.seed)
+    generator = torch.Generator(device=device).manual_seed(run.seed)  # the same W on every rank
     history: list[float] = []
     start = time.perf_counter()
 
     if cfg.method == "closed-form":
-        model.set_parameters(*closed_form(x, cfg.latent_dim))
-        history.append(mean_log_prob(model, x, cfg.chunk_size))
+        model.set_parameters(*(closed_form(x, cfg.latent_dim) if reduce is None
+                               else closed_form_from_sums(x, cfg.latent_dim, reduce)))
+        history.append(mean_log_prob(model, x, cfg.chunk_size, reduce))
         iterations = 0
     elif cfg.method == "em":
-        init_from_data(model, x, generator)
-        iterations = _fit_em(model, x, cfg, history, run.quiet)
+        init_from_data(model, x, generator, reduce)
+        iterations = _fit_em(model, x, cfg, history, run.quiet, dist)
     elif cfg.method == "sem":
-        init_from_data(model, x, generator)
+        init_from_data(model, x, generator, reduce)
+        if dist.rank > 0:  # each rank draws its own rows and noise; rank 0 goes on with the one-process stream
+            generator = torch.Generator(device=device).manual_seed(dist.rank_seed(run.seed))
         try:
-            iterations = _fit_sem(model, x, cfg, history, generator, run.quiet)
+            iterations = _fit_sem(model, x, cfg, history, generator, run.quiet, dist)
         except DivergenceError as e:
             # The model holds the parameters from before the failed step: keep them for inspection.
             meta = run_meta(job.data, data, {"method": "sem", "diverged": str(e), **cfg.sem_record()}, history)
-            path = save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(),
-                                   meta=meta)
+            path = out / CHECKPOINT
+            if dist.is_main:
+                save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(),
+                                meta=meta)
             raise DivergenceError(f"{e} The last good parameters are saved in {path}.", step=e.step,
                                   kappa=e.kappa) from None
     else:  # argparse restricts --method; this guards callers that build the settings by hand
@@ -131,33 +147,38 @@ def fit(job: FitJob, data: ImageData, out: Path) -> dict:
         "tol": cfg.tol,
         "seed": run.seed,
         "device": str(device),
+        **dist.record(),
         "seconds": seconds,
     }
     if cfg.method == "sem":
         settings.update(cfg.sem_record())
     meta = run_meta(job.data, data, settings, history)
-    model = model.cpu()
-    save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.state_dict(), meta=meta)
+    if dist.is_main:
+        save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(), meta=meta)
     metrics = {
         "model": "ppca",
         "method": cfg.method,
         "dataset": data.summary(),
         "iterations": iterations,
         "seconds": seconds,
-        **_figures(model, data, cfg.chunk_size),
+        **dist.record(),
+        **_figures(model.to(device), data, cfg.chunk_size, dist),
     }
-    write_json(out / METRICS, metrics)
-    _plots(model, data, history, cfg.method, out)
+    if dist.is_main:
+        write_json(out / METRICS, metrics)
+        _plots(model.cpu(), data, history, cfg.method, out)
     return metrics
 
 
-def _fit_em(model: PPCA, x: torch.Tensor, cfg: PPCAFit, history: list[float], quiet: bool) -> int:
+def _fit_em(model: PPCA, x: torch.Tensor, cfg: PPCAFit, history: list[float], quiet: bool, dist: Dist) -> int:
+    """EM until an iteration gains less than --tol: the log-likelihood is all-reduced, so all ranks stop together."""
+    reduce = dist.sum if dist.enabled else None
     max_iter = cfg.iterations or EM_MAX_ITERATIONS
-    bar = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=quiet)
+    bar = tqdm(range(1, max_iter + 1), desc="EM", unit="it", disable=quiet or not dist.is_main)
     prev = -np.inf
     for it in bar:
-        em_step(model, x, cfg.chunk_size)
-        ll = mean_log_prob(model, x, cfg.chunk_size)
+        em_step(model, x, cfg.chunk_size, reduce)
+        ll = mean_log_prob(model, x, cfg.chunk_size, reduce)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.6f}", gain=f"{ll - prev:.2e}", refresh=False)
         if ll - prev < cfg.tol:
@@ -167,24 +188,29 @@ def _fit_em(model: PPCA, x: torch.Tensor, cfg: PPCAFit, history: list[float], qu
 
 
 def _fit_sem(model: PPCA, x: torch.Tensor, cfg: PPCAFit, history: list[float], generator: torch.Generator,
-             quiet: bool) -> int:
+             quiet: bool, dist: Dist) -> int:
     """Epochs of N points each (whatever the batch size); the exact log-likelihood after each."""
     epochs = cfg.iterations or SEM_EPOCHS
-    sem = StochasticEM(model, x, cfg.sem(), generator)
-    bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=quiet)
+    sem = StochasticEM(model, x, cfg.sem(), generator, dist)
+    reduce = dist.sum if dist.enabled else None
+    bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=quiet or not dist.is_main)
     for _ in bar:
-        sem.advance(len(x))
-        ll = mean_log_prob(model, x, cfg.chunk_size)
+        sem.advance(sem.n_total)
+        ll = mean_log_prob(model, x, cfg.chunk_size, reduce)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.4f}", kappa=f"{sem.last_kappa:.2e}", refresh=False)
     return epochs
 
 
-def _figures(model: PPCA, data: ImageData, chunk_size: int) -> dict:
+def _figures(model: PPCA, data: ImageData, chunk_size: int, dist: Dist | None = None) -> dict:
+    """Exact log-likelihoods per split: over ranks, each rank's own rows, reduced as a sum and a count."""
+    dist = dist or Dist()
+    reduce = dist.sum if dist.enabled else None
     figures = {"log_likelihood_exact": True}
     for split in ("train", "valid", "test"):
         rows = getattr(data, split)
-        ll = mean_log_prob(model, torch.as_tensor(rows, dtype=torch.float64), chunk_size) if len(rows) else None
+        x = torch.as_tensor(local(rows, dist)[1], dtype=torch.float64, device=model.W.device)
+        ll = mean_log_prob(model, x, chunk_size, reduce) if len(rows) else None
         figures[f"{split}_log_likelihood"] = ll
         figures[f"{split}_bits_per_dim"], note = bits_figures(ll, data, LIKELIHOOD)
     figures["sigma2"] = float(model.sigma2.detach())
@@ -218,8 +244,8 @@ def evaluate(ckpt: dict, *, samples: int, seed: int, device: str) -> dict:
     """Test figures of a fitted PPCA: the exact log-likelihood (no sampling: `samples` and `seed` unused)."""
     model = build_model(ckpt)
     meta = ckpt["meta"]
-    data = reload_dataset(meta)
-    x = torch.as_tensor(data.test, dtype=torch.float64)
+    data = reopen_dataset(meta)
+    x = torch.as_tensor(np.asarray(data.test), dtype=torch.float64)
     ll = mean_log_prob(model, x)
     return {
         "model": "ppca",

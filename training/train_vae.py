@@ -7,6 +7,10 @@ the test importance-weighted log-likelihood) and plots. The model lives in :mod:
 Bernoulli models on binary data whose continuous intensities are known (`mnist5k-bin`) see a fresh
 stochastic binarization of the training rows every epoch (each pixel is 1 with probability equal to its
 intensity, as :func:`training.data.binarize`); validation and test rows stay the fixed binarized rows.
+
+Under torchrun the model trains in DistributedDataParallel by global batches (training/vae_epoch.py), each
+rank evaluates its own validation and test rows and the figures are reduced as sums and counts, so every
+rank sees the same validation ELBO and stops at the same epoch; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from training.common import (
     write_json,
 )
 from training.config import FitJob, option
-from training.data import ImageData, reload_dataset
+from training.data import ImageData
+from training.distributed import Dist, single
+from training.shards import local, reopen_dataset, row_fetcher
 from training.vae import ACTIVATIONS, FLOW_TYPES, LIKELIHOODS, VAE, VAEConfig
+from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
 
 # K by kind when --flows is not given: 10 planar flows, the peers' setting, against which the quality models
 # of docs/benchmarks.md were compared.
@@ -62,7 +69,8 @@ class VAEFit:
     var_floor: float = option(VAEConfig.var_floor, "gaussian: lower bound on the pixel variance")
     epochs: int = option(600, "maximum epochs (after 300 the validation ELBO still rose; docs/benchmarks.md, VAE "
                          "quality)")
-    batch_size: int = option(100, "rows per Adam step (the peers' batch size)")
+    batch_size: int = option(100, "rows per Adam step (the peers' batch size); under torchrun the global batch, "
+                             "a multiple of the ranks")
     lr: float = option(1e-3, "Adam learning rate (Adam's usual rate; the cosine schedule decays it)")
     lr_schedule: str = option("cosine", "cosine: decay the learning rate to 0 over --epochs (per step)",
                               choices=SCHEDULES)
@@ -101,15 +109,17 @@ def _config(kind: str, fit: VAEFit, data: ImageData) -> VAEConfig:
     )
 
 
-def fit(job: FitJob, data: ImageData, out: Path) -> dict:
+def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> dict:
     args: VAEFit = job.model
     kind, run = job.kind, job.run
     if len(data.valid) == 0:
         raise ValueError("vae training selects its epoch on validation rows: use --valid-fraction > 0")
+    dist = dist or single(run.device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     seed_everything(run.seed)
-    device = resolve_device(run.device)
+    device = dist.device
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     cfg = _config(kind, args, data)
@@ -122,15 +132,19 @@ def fit(job: FitJob, data: ImageData, out: Path) -> dict:
                          f"{data.name!r} does not have (only mnist5k-bin does)")
 
     f32 = dict(dtype=torch.float32, device=device)
-    x_train = torch.as_tensor(data.train_probs if dynamic else data.train, **f32)
-    x_valid = torch.as_tensor(data.valid, **f32)
-    gen = torch.Generator(device=device).manual_seed(run.seed)
-    valid_eps = torch.randn((len(x_valid), VALID_SAMPLES, cfg.latent_dim), generator=gen, **f32)
+    fetch = row_fetcher(data.train_probs if dynamic else data.train, device)
+    valid_rows, x_valid = local(data.valid, dist)
+    x_valid = torch.as_tensor(x_valid, **f32)
+    gen = torch.Generator(device=device).manual_seed(run.seed)  # in the same state on every rank
+    # Every rank draws the noise of all validation rows and keeps its own: the one-process figures.
+    valid_eps = torch.randn((len(data.valid), VALID_SAMPLES, cfg.latent_dim), generator=gen, **f32)[valid_rows]
 
-    n, B = len(x_train), args.batch_size
-    steps_per_epoch = math.ceil(n / B)
+    n, B = len(data.train), args.batch_size
+    batches = GlobalBatches(n, B, dist, run.seed)
+    steps_per_epoch = batches.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
+    forward = dist.wrap(LogWeightTerms(model))
     opt = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
 
     def schedule(step: int) -> tuple[float | None, float]:
@@ -144,19 +158,20 @@ def fit(job: FitJob, data: ImageData, out: Path) -> dict:
     best = {"elbo": -math.inf, "epoch": 0, "state": None}
     step, epoch = 0, 0
     start = time.perf_counter()
-    bar = tqdm(range(1, args.epochs + 1), desc=kind, unit="epoch", disable=run.quiet)
+    bar = tqdm(range(1, args.epochs + 1), desc=kind, unit="epoch", disable=run.quiet or not dist.is_main)
     for epoch in bar:
         model.train()
-        xs = (torch.rand(x_train.shape, generator=gen, **f32) < x_train).float() if dynamic else x_train
-        elbo_sum, step = train_epoch(model, opt, xs, batch_size=B, gen=gen, step=step, schedule=schedule)
-        train_elbo = float(elbo_sum) / n
+        elbo_sum, step = train_epoch(forward, opt, fetch, batches, epoch, latent_dim=cfg.latent_dim, gen=gen,
+                                     binarize=dynamic, step=step, schedule=schedule)
+        model.eval()
+        with torch.no_grad():
+            valid_sum = model.log_weights(x_valid, valid_eps).mean(1).double().sum()
+        elbo_sum, valid_sum = dist.sum(elbo_sum, valid_sum)  # one all-reduce per epoch: sums over all rows
+        train_elbo, valid_elbo = float(elbo_sum) / n, float(valid_sum) / len(data.valid)
         if not math.isfinite(train_elbo):
             raise FloatingPointError(
                 f"{kind} training diverged in epoch {epoch}: the training ELBO is {train_elbo} "
                 f"(learning rate {args.lr}); lower --lr or check the data for NaN/inf")
-        model.eval()
-        with torch.no_grad():
-            valid_elbo = float(model.log_weights(x_valid, valid_eps).mean())
         history["train ELBO"].append(train_elbo)
         history["valid ELBO"].append(valid_elbo)
         if valid_elbo > best["elbo"]:
@@ -166,7 +181,7 @@ def fit(job: FitJob, data: ImageData, out: Path) -> dict:
                         s_per_epoch=f"{elapsed / epoch:.2f}", refresh=False)
         if args.patience and epoch - best["epoch"] >= args.patience:
             break
-        if args.time_limit is not None and elapsed >= args.time_limit:
+        if args.time_limit is not None and dist.decide(elapsed >= args.time_limit):  # rank 0's clock
             break
     seconds = time.perf_counter() - start
     if best["state"] is None:
@@ -181,16 +196,17 @@ def fit(job: FitJob, data: ImageData, out: Path) -> dict:
         "epochs": args.epochs, "epochs_run": epoch, "best_epoch": best["epoch"], "batch_size": B,
         "lr": args.lr, "lr_schedule": args.lr_schedule, "weight_decay": args.weight_decay,
         "warmup_epochs": args.warmup_epochs, "patience": args.patience, "dynamic_binarization": dynamic,
-        "optimizer": type(opt).__name__, "seed": run.seed, "device": str(device),
+        "optimizer": type(opt).__name__, "seed": run.seed, "device": str(device), **dist.record(),
         "threads": torch.get_num_threads(), "seconds": seconds,
     }
     meta = run_meta(job.data, data, settings, history)
     config = asdict(cfg)
     config["encoder_hidden"], config["decoder_hidden"] = list(cfg.encoder_hidden), list(cfg.decoder_hidden)
-    save_checkpoint(out, kind=kind, config=config,
-                    state_dict={k: v.cpu() for k, v in model.state_dict().items()}, meta=meta)
+    if dist.is_main:
+        save_checkpoint(out, kind=kind, config=config,
+                        state_dict={k: v.cpu() for k, v in model.state_dict().items()}, meta=meta)
     eval_start = time.perf_counter()
-    figures = _figures(model, data, S=args.eval_samples, chunk=args.chunk, seed=run.seed, device=device)
+    figures = _figures(model, data, S=args.eval_samples, chunk=args.chunk, seed=run.seed, device=device, dist=dist)
     metrics = {
         "model": kind,
         "dataset": data.summary(),
@@ -199,40 +215,13 @@ def fit(job: FitJob, data: ImageData, out: Path) -> dict:
         "seconds": seconds,
         "seconds_per_epoch": seconds / max(epoch, 1),
         "eval_seconds": time.perf_counter() - eval_start,
+        **dist.record(),
         **figures,
     }
-    write_json(out / METRICS, metrics)
-    _plots(model.cpu(), data, history, kind, out)
+    if dist.is_main:
+        write_json(out / METRICS, metrics)
+        _plots(model.cpu(), data, history, kind, out)
     return metrics
-
-
-def train_epoch(model: VAE, opt: torch.optim.Optimizer, xs: torch.Tensor, *, batch_size: int,
-                gen: torch.Generator, step: int = 0, schedule=None) -> tuple[torch.Tensor, int]:
-    """One pass over the rows of `xs` in a random order, one Adam step per minibatch of one sample each.
-
-    loss = -mean_n [log p(x|z_K) + beta (log p(z_K) - log q_0(z_0|x) + sum log|det J|)], with
-    (lr, beta) = schedule(step) (beta = 1 and a fixed lr without one). Returns the sum over rows of
-    the ELBO estimates (beta = 1, as a tensor: no device sync per step) and the next step number.
-    """
-    n, d = len(xs), model.config.latent_dim
-    perm = torch.randperm(n, generator=gen, device=xs.device)
-    elbo_sum = torch.zeros((), dtype=xs.dtype, device=xs.device)
-    for i in range(0, n, batch_size):
-        x = xs[perm[i : i + batch_size]]
-        eps = torch.randn((len(x), 1, d), generator=gen, dtype=xs.dtype, device=xs.device)
-        log_px_z, log_pz, log_q0, log_det = model.log_weight_terms(x, eps)
-        kl_part = log_pz - log_q0 + log_det  # a one-sample estimate of -KL(q(z_K|x) || p(z_K))
-        lr, beta = schedule(step) if schedule is not None else (None, 1.0)
-        if lr is not None:
-            for group in opt.param_groups:
-                group["lr"] = lr
-        loss = -(log_px_z + beta * kl_part).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        elbo_sum += (log_px_z + kl_part).detach().sum()
-        step += 1
-    return elbo_sum, step
 
 
 def make_optimizer(model: VAE, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -247,20 +236,26 @@ def make_optimizer(model: VAE, *, lr: float, weight_decay: float) -> torch.optim
 
 @torch.no_grad()
 def _figures(model: VAE, data: ImageData, *, S: int, chunk: int, seed: int, device,
-             splits: tuple[str, ...] = ("train", "valid", "test")) -> dict:
+             splits: tuple[str, ...] = ("train", "valid", "test"), dist: Dist | None = None) -> dict:
+    """ELBOs per split and the test importance-weighted bound: over ranks, each rank's own rows with its own
+    noise (rank 0's is the one-process noise), reduced as sums and counts."""
+    dist = dist or Dist(device=torch.device(device))
     model = model.to(device).eval()
+
+    def mean(split: str, per_row) -> float | None:  # each figure draws its noise from its own seeded generator
+        gen = torch.Generator(device=device).manual_seed(dist.rank_seed(seed))
+        x = torch.as_tensor(local(getattr(data, split), dist)[1], dtype=torch.float32, device=device)
+        total = per_row(x, gen).double().sum() if len(x) else 0.0
+        (total,) = dist.sum(total)
+        n = len(getattr(data, split))
+        return float(total) / n if n else None
+
     figures: dict = {}
-    for split in splits:  # each figure draws its noise from its own seeded generator: reproducible alone
-        gen = torch.Generator(device=device).manual_seed(seed)
-        rows = getattr(data, split)
-        x = torch.as_tensor(rows, dtype=torch.float32, device=device)
-        figures[f"{split}_elbo"] = (
-            float(torch.cat([model.elbo(xb, ELBO_SAMPLES, gen) for xb in x.split(max(1, chunk // ELBO_SAMPLES))])
-                  .double().mean()) if len(rows) else None)
+    for split in splits:
+        figures[f"{split}_elbo"] = mean(split, lambda x, gen: torch.cat(
+            [model.elbo(xb, ELBO_SAMPLES, gen) for xb in x.split(max(1, chunk // ELBO_SAMPLES))]))
     figures["elbo_samples"] = ELBO_SAMPLES
-    x = torch.as_tensor(data.test, dtype=torch.float32, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ll = float(model.importance_weighted_bound(x, S, chunk, gen).double().mean())
+    ll = mean("test", lambda x, gen: model.importance_weighted_bound(x, S, chunk, gen))
     bpd, note = bits_figures(ll, data, model.config.likelihood)
     figures.update({
         "test_log_likelihood": ll,
@@ -299,7 +294,7 @@ def evaluate(ckpt: dict, *, samples: int, seed: int, device: str) -> dict:
     seed_everything(seed)
     model = build_model(ckpt)
     meta = ckpt["meta"]
-    data = reload_dataset(meta)
+    data = reopen_dataset(meta)
     figures = _figures(model, data, S=samples, chunk=VAEFit.chunk, seed=seed, device=resolve_device(device),
                        splits=("test",))
     return {

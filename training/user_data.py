@@ -98,22 +98,29 @@ def load_idx(path: str | Path) -> np.ndarray:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read IDX file ({e})") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+    dtype, shape, header = idx_header(raw, len(raw), path)
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def idx_header(head: bytes, size: int, path: str | Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, header bytes) of an IDX file of `size` bytes from its first bytes `head` (the whole
+    header: 4 + 4 * ndim bytes, at most 1,024), checked against the size."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise DataError(f"{path}: not an IDX file (the magic number must start with two zero bytes)")
-    code, ndim = raw[2], raw[3]
+    code, ndim = head[2], head[3]
     if code not in _IDX_DTYPES:
         raise DataError(f"{path}: unknown IDX type code 0x{code:02X} (expected one of "
                         f"{', '.join(f'0x{c:02X}' for c in _IDX_DTYPES)})")
     header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+    if ndim == 0 or len(head) < header:
         raise DataError(f"{path}: truncated IDX header ({ndim} dimensions declared)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    shape = struct.unpack(f">{ndim}I", head[4:header])
     dtype = np.dtype(_IDX_DTYPES[code])
     expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
+    if size - header != expected:
         raise DataError(f"{path}: IDX header declares shape {shape} ({expected} bytes of data) "
-                        f"but the file holds {len(raw) - header} bytes")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+                        f"but the file holds {size - header} bytes")
+    return dtype, shape, header
 
 
 def _load_npy(path: Path) -> np.ndarray:

@@ -1,0 +1,103 @@
+"""One epoch of VAE training by global batches, in one process or over the ranks of a torchrun fit.
+
+`--batch-size` B is the global batch whatever the world size W: each step, each rank takes B / W rows,
+dealt by a DistributedSampler (seeded with the fit's seed, re-shuffled each epoch by ``set_epoch``): the
+epoch's order is padded to a multiple of W and rank r takes its positions r, r + W, r + 2W, ... . The rows
+of global step s are then positions [sB, (s + 1)B) of the order, exactly those of one process with the same
+seed; the rows DistributedSampler pads with (copies of the first ones, when W does not divide N) are
+skipped, so no row counts twice.
+
+Per-row randomness (the reparametrization noise eps and, for dynamic binarization, the uniforms that
+binarize the batch) is drawn for the whole global batch from a generator that every rank holds in the same
+state; each rank keeps its own rows' draws. Each rank's loss is its rows' share of the global batch mean
+times W, and DistributedDataParallel averages the ranks' gradients, so every rank takes the one-process
+step on the global batch, up to the rounding of the summed gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data.distributed import DistributedSampler
+
+from training.distributed import Dist
+from training.vae import VAE
+
+
+class LogWeightTerms(nn.Module):
+    """The VAE's log-weight terms as a module's forward: DistributedDataParallel synchronises gradients
+    only for what runs through a forward."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.vae.log_weight_terms(x, eps)
+
+
+class GlobalBatches:
+    """This rank's rows of each global step over `n` training rows."""
+
+    def __init__(self, n: int, batch_size: int, dist: Dist, seed: int):
+        W = dist.world_size
+        if batch_size < 1 or batch_size % W:
+            raise ValueError(f"--batch-size {batch_size} is the global batch of all {W} ranks and must be a positive "
+                             f"multiple of the world size {W}")
+        self.n, self.batch_size, self.local, self.dist = n, batch_size, batch_size // W, dist
+        self.sampler = DistributedSampler(range(n), num_replicas=W, rank=dist.rank, shuffle=True, seed=seed)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """Per global step: (rows in the global batch, this rank's rows as positions among the n, and their
+        places in the global batch), positions and places as int64 tensors on the rank's device."""
+        self.sampler.set_epoch(epoch)
+        W, r, B, b = self.dist.world_size, self.dist.rank, self.batch_size, self.local
+        device = self.dist.device
+        mine = torch.tensor(list(self.sampler), dtype=torch.long)  # this rank's share of the padded order
+        order = r + W * torch.arange(len(mine))  # where each stands in the padded order
+        for s in range(self.steps_per_epoch):
+            rows, place = mine[s * b : (s + 1) * b], order[s * b : (s + 1) * b]
+            real = place < self.n  # not one of the sampler's padding copies
+            yield min(B, self.n - s * B), rows[real].to(device), (place[real] - s * B).to(device)
+
+
+def train_epoch(forward: nn.Module, opt: torch.optim.Optimizer, fetch: Callable[[Tensor], Tensor],
+                batches: GlobalBatches, epoch: int, *, latent_dim: int, gen: torch.Generator, binarize: bool,
+                step: int = 0, schedule=None) -> tuple[Tensor, int]:
+    """One pass over the training rows in an order shuffled for `epoch`, one Adam step per global batch.
+
+    loss = -mean over the global batch of [log p(x|z_K) + beta (log p(z_K) - log q_0(z_0|x) + sum log|det J|)],
+    one sample each, with (lr, beta) = schedule(step) (beta = 1 and a fixed lr without one). `forward` is a
+    :class:`LogWeightTerms` (in DistributedDataParallel over ranks); `fetch` gives the rows at positions
+    (continuous intensities when `binarize`). Returns this rank's sum of the ELBO estimates (beta = 1, float64,
+    a tensor: no device sync per step) and the next step number.
+    """
+    W = batches.dist.world_size
+    elbo_sum = torch.zeros((), dtype=torch.float64, device=batches.dist.device)
+    for n_step, rows, place in batches.epoch(epoch):
+        x = fetch(rows)
+        if binarize:  # each pixel 1 with probability its intensity, as training.data.binarize
+            u = torch.rand((n_step, x.shape[1]), generator=gen, dtype=x.dtype, device=x.device)
+            x = (u[place] < x).to(x.dtype)
+        eps = torch.randn((n_step, 1, latent_dim), generator=gen, dtype=x.dtype, device=x.device)[place]
+        log_px_z, log_pz, log_q0, log_det = forward(x, eps)
+        kl_part = log_pz - log_q0 + log_det  # a one-sample estimate of -KL(q(z_K|x) || p(z_K))
+        lr, beta = schedule(step) if schedule is not None else (None, 1.0)
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        # DDP averages the W ranks' gradients: W times this rank's share of the batch sum gives the batch mean.
+        loss = -(log_px_z + beta * kl_part).sum() * (W / n_step)
+        opt.zero_grad(set_to_none=True)
+        batches.dist.collective("the gradients' all-reduce in backward", loss.backward)  # DDP all-reduces here
+        opt.step()
+        elbo_sum += (log_px_z + kl_part).detach().sum().double()
+        step += 1
+    return elbo_sum, step
