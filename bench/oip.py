@@ -20,12 +20,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.service_load import _free_port, _median, wrk_post
+from bench.servers import free_port, wait_ready
+from bench.service_load import _median, wrk_post
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "vae-mnist"
@@ -71,9 +71,8 @@ def serve_kserve(port: int, onnx_path: str) -> None:
 
 
 def _start(kind: str, args) -> tuple[subprocess.Popen, int]:
-    import httpx
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, LATENTSERVE_MODELS_DIR=str(args.models_dir.resolve()), LATENTSERVE_LOG_LEVEL="warning",
                LATENTSERVE_DEFAULT_MODEL=MODEL)
     if kind == "kserve":
@@ -83,18 +82,8 @@ def _start(kind: str, args) -> tuple[subprocess.Popen, int]:
         cmd = [sys.executable, "-m", "service", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{kind} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{kind} did not start")
+    wait_ready(proc, f"http://127.0.0.1:{port}/v2/health/ready", what=kind)
+    return proc, port
 
 
 def _tree(pid: int) -> list[int]:

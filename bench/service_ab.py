@@ -13,42 +13,29 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.bodies import image_parts, multipart, multipart_type
+from bench.servers import free_port, wait_ready
 from bench.service_load import wrk_post
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _start(cwd: Path, models_dir: Path, model: str) -> tuple[subprocess.Popen, int]:
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, LATENTSERVE_MODELS_DIR=str(models_dir.resolve()), LATENTSERVE_LOG_LEVEL="warning",
                LATENTSERVE_DEFAULT_MODEL=model, LATENTSERVE_PORT=str(port))
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit(f"the service in {cwd} was not ready within 120 s")
+    wait_ready(proc, f"http://127.0.0.1:{port}/ready", what=f"the service in {cwd}")
+    return proc, port
 
 
 def _cpu_seconds(pid: int):

@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench.servers import free_port, wait_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,11 +41,7 @@ def rss_mb(pid: int) -> float:
 
 
 def start(args, checkout: str) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSERVE_")}
     env.update({"LATENTSERVE_MODELS_DIR": str(Path(args.models_dir).resolve()), "LATENTSERVE_PORT": str(port),
                 "LATENTSERVE_DEFAULT_MODEL": args.model, "LATENTSERVE_LOG_LEVEL": "warning"})
@@ -51,16 +49,8 @@ def start(args, checkout: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=checkout, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError("the server did not get ready")
+    wait_ready(proc, url + "/ready")
+    return proc, url
 
 
 def measure(args, checkout: str, images: list) -> dict[str, float]:

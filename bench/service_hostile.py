@@ -37,6 +37,7 @@ from pathlib import Path
 
 from bench.bodies import image_parts, multipart_type
 from bench.bodies import multipart as multipart_body
+from bench.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -233,12 +234,6 @@ def ordinary_clients(port: int, headers: dict[str, str], encode_body: bytes, enc
 # --------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -269,7 +264,7 @@ class Server:
         self._stop = threading.Event()
 
     def start(self, timeout: float = 180.0) -> Server:
-        self.port = _free_port()
+        self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSERVE_")}
         env.update({"LATENTSERVE_MODELS_DIR": str(self.models_dir), "LATENTSERVE_HOST": HOST,
                     "LATENTSERVE_PORT": str(self.port), "LATENTSERVE_LOG_LEVEL": "warning",

@@ -21,7 +21,6 @@ import io
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,14 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.bodies import image_parts, multipart, multipart_type
+from bench.servers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(kind: str, port: int, checkpoint: str, model: str) -> None:
@@ -63,7 +57,7 @@ def serve(kind: str, port: int, checkpoint: str, model: str) -> None:
 
 
 def _start(kind: str, args, batching: bool = True) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, LATENTSERVE_MODELS_DIR=str(args.models_dir.resolve()), LATENTSERVE_LOG_LEVEL="warning",
                LATENTSERVE_BATCHING=str(batching).lower(), LATENTSERVE_DEFAULT_MODEL=args.model)
     if kind in ("service", "base"):  # base: the service of another checkout (--base), e.g. before a change
@@ -73,19 +67,9 @@ def _start(kind: str, args, batching: bool = True) -> tuple[subprocess.Popen, in
                "--checkpoint", str(args.checkpoint), "--model", args.model]
     cwd = args.base if kind == "base" else ROOT
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import httpx
-
-    deadline = time.monotonic() + 120
     ready_path = "/ready" if kind in ("service", "base") else "/docs"
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{kind} did not start")
+    wait_ready(proc, f"http://127.0.0.1:{port}{ready_path}", what=kind)
+    return proc, port
 
 
 def _rss_mb(pid: int) -> float:

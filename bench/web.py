@@ -27,12 +27,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from bench.report import publish, table
+from bench.servers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 GOALS_MS = {"interactive": 300.0, "stroke-result": 100.0, "sample-grid": 200.0}
@@ -49,27 +49,15 @@ def chromium_path() -> str | None:
 
 
 def start_server(models_dir: Path) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSERVE_")}
     env.update({"LATENTSERVE_MODELS_DIR": str(models_dir.resolve()), "LATENTSERVE_PORT": str(port),
                 "LATENTSERVE_LOG_LEVEL": "warning"})
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError("the server did not get ready")
+    wait_ready(proc, url + "/ready")
+    return proc, url
 
 
 def measures(page, name: str) -> list[float]:
