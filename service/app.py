@@ -25,7 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from service import bound
+from service import bound, control
 from service import inference as infer
 from service import postprocess as post
 from service.api_schema import _BODY_SCHEMAS, _DECODE_BODY, _IMAGE_BODY, _query_openapi, openapi_limits
@@ -211,13 +211,16 @@ async def health() -> dict:
 
 
 @router.get("/ready", response_model=Ready, tags=["operations"], responses=_errors(503),
-            summary="models loaded and warmed up (503 until then)")
+            summary="at least one model loaded and warm, and every required model (503 until then)")
 async def ready(request: Request, runtime: RuntimeDep, settings: SettingsDep):
     if request.app.state.draining:  # set by service/server.py on SIGTERM
         return problem_response(503, "Not ready", "the server is shutting down", "not-ready",
                                 headers={"Retry-After": str(settings.retry_after_s)})
-    if not runtime.ready:
+    missing = runtime.registry.missing_required()  # LATENTSERVE_REQUIRED_MODELS
+    if not runtime.ready or missing:
         detail = runtime.load_error or ("no models could be loaded" if _loaded(request) else "loading models")
+        if runtime.ready:
+            detail = f"required models not loaded yet: {', '.join(missing)}"
         return problem_response(503, "Not ready", detail, "not-ready", headers={"Retry-After": str(
             settings.retry_after_s)})
     return {"status": "ready", "models": sorted(runtime.models), "default_model": runtime.default_model}
@@ -492,12 +495,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # The routes themselves, not app.include_router(router): an included router is matched through
         # another layer of route contexts on every request (about 8 % of POST /encode's time).
-        routes=[*inference.routes, *router.routes],
+        routes=[*inference.routes, *router.routes, *control.router.routes],
     )
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.runtime = Runtime(settings, metrics)
+    # The schema names the loaded models: built again after the registry loads, swaps or unloads one.
+    app.state.runtime.registry.listeners.append(lambda: setattr(app, "openapi_schema", None))
     app.state.loading_task = None
     app.state.draining = False
     install_error_handlers(app)

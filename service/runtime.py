@@ -40,7 +40,8 @@ from service.admission import WorkBudget
 from service.memory import Trimmer
 from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, Offload
-from service.repository import ModelCard, ModelRepositoryError, discover_models, public_reason
+from service.registry import ModelRegistry
+from service.repository import ModelCard, ModelRepositoryError
 from service.settings import PREFERRED_DEFAULTS, Settings
 
 log = logging.getLogger("service.runtime")
@@ -117,6 +118,8 @@ class GraphRunner:
         self._carry: deque[_Item] = deque()
         self._workers: list[asyncio.Task] = []
         self._inflight = 0
+        self._busy = 0  # workers holding a batch (see retire)
+        self._retired = False
         self._last_batch = 1  # requests merged into the previous batch (see _collect)
         self._labels = {"model": model, "graph": role}
         self._m_rows = metrics.batch_rows.labels(**self._labels)
@@ -204,7 +207,7 @@ class GraphRunner:
         loop = asyncio.get_running_loop()
         key = tuple((k, v.shape[1:]) for k, v in inputs.items())
         item = _Item(inputs, n, cost or n, key, loop.create_future(), post)
-        if self._queue is None:  # batching off: one call per request, still bounded
+        if self._queue is None or self._retired:  # batching off (or retired): one call per request, still bounded
             if self._inflight >= self.settings.max_queue_size:
                 self.metrics.rejected.labels(**self._labels).inc()
                 raise QueueFullError(self.model, self.role, self._inflight)
@@ -228,6 +231,19 @@ class GraphRunner:
         self._queue = asyncio.Queue()
         self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{self.model}-{self.role}-{i}")
                          for i in range(workers)]
+
+    async def retire(self) -> None:
+        """Stop batching once what is queued has run: a newer version of the model serves in its place.
+
+        A request that looked its model up before the swap may still call `run` afterwards (it was reading
+        its body): it runs alone on this session, which lives as long as such a request holds the runner.
+        Nothing is queued from now on, so the workers are cancelled only once every one of them is idle,
+        waiting for a first item: no request's item is dropped.
+        """
+        self._retired = True
+        while self._queue is not None and (self._queue.qsize() or self._carry or self._busy):
+            await asyncio.sleep(0.005)
+        await self.stop()
 
     async def stop(self) -> None:
         for t in self._workers:
@@ -260,6 +276,7 @@ class GraphRunner:
 
     async def _collect(self) -> list[_Item]:
         first = await self._next(None)
+        self._busy += 1  # until its results are handed out (_worker)
         batch, cost = [first], first.cost
         deadline = time.perf_counter() + self.settings.max_queue_delay_ms / 1000.0
         # Wait for more requests only under load (the previous batch merged several): a lone client
@@ -295,6 +312,7 @@ class GraphRunner:
             self._m_depth.dec(len(batch))
             batch = [it for it in batch if not it.future.done()]  # the caller went away meanwhile
             if not batch:
+                self._busy -= 1
                 continue
             for it in batch:
                 self._m_queue.observe(now - it.enqueued)
@@ -326,6 +344,7 @@ class GraphRunner:
                     it.future.set_result(value)
                 else:
                     it.future.set_exception(value)
+            self._busy -= 1
 
 
 @dataclass
@@ -336,6 +355,16 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.card.name
+
+    def start(self, settings: Settings) -> None:
+        """Start its batchers (on the event loop)."""
+        if settings.batching:
+            for runner in self.runners.values():
+                runner.start(settings.inference_workers)
+
+    async def retire(self) -> None:
+        """Stop its batchers once their queues have run (a newer version, or none, serves in its place)."""
+        await asyncio.gather(*(runner.retire() for runner in self.runners.values()))
 
     def summary(self) -> dict:
         c = self.card
@@ -348,7 +377,7 @@ class LoadedModel:
 
 
 class Runtime:
-    """Every loaded model, the shared thread pool and the batchers; filled by :meth:`load`."""
+    """Every loaded model, the shared thread pool and the batchers; `registry` loads, swaps and unloads models."""
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
@@ -361,35 +390,15 @@ class Runtime:
         self.budget = WorkBudget(settings.max_inflight_work, settings.retry_after_s, metrics)
         self.offload = Offload(settings.postprocess_workers, INLINE_VALUES)
         self.trimmer = Trimmer(self.offload.executor, settings.trim_after_work)
+        self.registry = ModelRegistry(self)
 
-    # -- loading (blocking: called in a thread) ----------------------------------------------------
+    # -- loading (blocking: service/registry.py calls these in its loader thread) -------------------
 
-    def load(self) -> None:
-        """Load every model folder; any failure marks that folder broken and never stops the others.
-
-        `broken` and `load_error` are shown to clients: they hold no server path (the log does).
-        """
-        s = self.settings
-        try:
-            cards, broken = discover_models(s.models_dir)
-        except ModelRepositoryError as e:
-            self.load_error = public_reason(str(e), s.models_dir)
-            log.error("no models loaded: %s", e)
-            cards, broken = {}, {}
-        self.broken = {name: public_reason(reason, s.models_dir) for name, reason in broken.items()}
-        so = session_options(s)
-        for name, card in cards.items():
-            try:
-                model = self._load_model(card, so)
-            except Exception as e:  # noqa: BLE001 - any error class of ONNX Runtime, or ours: this folder alone
-                reason = str(e) if isinstance(e, ModelRepositoryError) else f"{type(e).__name__}: {e}"
-                self.broken[name] = public_reason(f"{card.path}: {reason}", s.models_dir)
-                log.warning("skipping model folder %s: %s", card.path, reason)
-            else:
-                self.models[name] = model  # only a model whose every graph loaded and checked out
-        self.default_model = self._choose_default()
-        self.metrics.known_models = frozenset(self.models) | frozenset(self.broken)
-        self.metrics.models_broken.set(len(self.broken))
+    def load_model(self, card: ModelCard) -> LoadedModel:
+        """Sessions for every graph of `card`, checked, probed and warmed up; its batchers are not started."""
+        model = self._load_model(card, session_options(self.settings))
+        self._warm_up(model)
+        return model
 
     def _load_model(self, card: ModelCard, so: ort.SessionOptions) -> LoadedModel:
         runners = {}
@@ -405,53 +414,43 @@ class Runtime:
                                         metrics=self.metrics, max_cost=max_cost)
         return LoadedModel(card, runners)
 
-    def _choose_default(self) -> str | None:
+    def choose_default(self) -> str | None:
+        """The configured default model when it is loaded, else the first of PREFERRED_DEFAULTS loaded, else any."""
         wanted = self.settings.default_model
-        if wanted:
-            if wanted in self.models:
-                return wanted
-            log.error("default model %r is not loaded (loaded: %s); choosing another", wanted, sorted(self.models))
+        if wanted in self.models:
+            return wanted
         for name in PREFERRED_DEFAULTS:
             if name in self.models:
                 return name
         return next(iter(sorted(self.models)), None)
 
-    def warm_up(self) -> None:
+    def _warm_up(self, model: LoadedModel) -> None:
         """Run every graph at batch 1 and at the largest merged batch, and probe its rows per call."""
         rng = np.random.default_rng(0)
-        for model in self.models.values():
-            c = model.card
-            for runner in model.runners.values():
-                for n in (32 * self.settings.batch_pad_multiple + 3, 1, self.settings.max_batch_size):
-                    feeds = {}
-                    for name in runner.input_names:
-                        if name == "x":
-                            feeds[name] = rng.random((n, c.data_dim), dtype=np.float32)
-                        elif name == "z":
-                            feeds[name] = rng.standard_normal((n, c.latent_dim), dtype=np.float32)
-                        elif name == "eps":
-                            feeds[name] = rng.standard_normal((n, 3, c.latent_dim), dtype=np.float32)
-                    if n == 32 * self.settings.batch_pad_multiple + 3:
-                        runner.probe_rows_per_call(feeds)
-                    else:
-                        runner._call(feeds, runner.rows_per_call)
+        c = model.card
+        for runner in model.runners.values():
+            for n in (32 * self.settings.batch_pad_multiple + 3, 1, self.settings.max_batch_size):
+                feeds = {}
+                for name in runner.input_names:
+                    if name == "x":
+                        feeds[name] = rng.random((n, c.data_dim), dtype=np.float32)
+                    elif name == "z":
+                        feeds[name] = rng.standard_normal((n, c.latent_dim), dtype=np.float32)
+                    elif name == "eps":
+                        feeds[name] = rng.standard_normal((n, 3, c.latent_dim), dtype=np.float32)
+                if n == 32 * self.settings.batch_pad_multiple + 3:
+                    runner.probe_rows_per_call(feeds)
+                else:
+                    runner._call(feeds, runner.rows_per_call)
 
     # -- async lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.load)
-        await loop.run_in_executor(self.executor, self.warm_up)
-        if self.settings.batching:
-            for model in self.models.values():
-                for runner in model.runners.values():
-                    runner.start(self.settings.inference_workers)
-        self.metrics.models_loaded.set(len(self.models))
-        self.ready = bool(self.models)
-        log.info("models ready: %s (default %s); broken: %s", sorted(self.models), self.default_model,
-                 sorted(self.broken))
+        """Load the repository (service/registry.py), then keep watching it when polling is on."""
+        await self.registry.start()
 
     async def stop(self) -> None:
+        await self.registry.stop()
         for model in self.models.values():
             for runner in model.runners.values():
                 await runner.stop()

@@ -1,0 +1,75 @@
+"""Explicit model control: POST /models/{name}/load and POST /models/{name}/unload (service/registry.py acts).
+
+They change what every client is served, so they need the API key: with LATENTSERVE_API_KEY set, a request
+without it is refused before it gets here (401, service/middleware.py); a service without a key answers them
+403. A model unloaded here stays unloaded, whatever the repository polls find, until it is loaded here again.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, Field
+
+from service.errors import ProblemError
+from service.registry import ModelLoadError, ModelNotFoundError
+from service.schemas import Problem
+
+router = APIRouter()
+
+_RESPONSES = {code: {"model": Problem, "description": text} for code, text in {
+    401: "API key missing or wrong",
+    403: "the service has no API key: model control is off",
+    404: "no such model folder (load) or no such loaded model (unload)",
+    409: "the folder failed to load; the version loaded before, if any, goes on serving",
+    503: "the models are still loading",
+}.items()}
+
+Name = Annotated[str, Path(max_length=200, description="model name (its folder's name in the repository)")]
+
+
+class ModelControl(BaseModel):
+    name: str
+    state: Literal["READY", "UNLOADED"] = Field(..., description="READY: served (the folder's current version); "
+                                                "UNLOADED: not served until loaded again")
+    default_model: str | None = Field(..., description="the model used when a request names none, after the change")
+
+
+def _registry(request: Request):
+    if request.app.state.settings.api_key is None:
+        raise ProblemError(403, "Model control is off", "loading and unloading models needs an API key: start the "
+                           "service with LATENTSERVE_API_KEY set, and send it in X-API-Key", slug="control-off")
+    registry = request.app.state.runtime.registry
+    if not registry.started:
+        raise ProblemError(503, "Not ready", "the models are still loading", slug="not-ready",
+                           headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+    return registry
+
+
+@router.post("/models/{name}/load", response_model=ModelControl, tags=["models"], responses=_RESPONSES,
+             summary="load a model from its folder now, or reload it (needs the API key)")
+async def load_model(request: Request, name: Name) -> dict:
+    """Load `name` from the repository's folder of that name, or load it again when it is served: the new
+    version replaces the old one atomically (requests in flight finish on the version they started with).
+    A folder that fails leaves the version loaded before, if any, serving; GET /models lists the failure."""
+    registry = _registry(request)
+    try:
+        await registry.load(name)
+    except ModelNotFoundError:
+        raise ProblemError(404, "Unknown model", f"the model repository has no folder {name!r}",
+                           slug="unknown-model") from None
+    except ModelLoadError as e:
+        raise ProblemError(409, "Model load failed", e.reason, slug="model-load-failed") from None
+    return {"name": name, "state": "READY", "default_model": registry.runtime.default_model}
+
+
+@router.post("/models/{name}/unload", response_model=ModelControl, tags=["models"], responses=_RESPONSES,
+             summary="stop serving a model until it is loaded again (needs the API key)")
+async def unload_model(request: Request, name: Name) -> dict:
+    """Stop serving `name`: new requests for it get 404, requests in flight finish. The repository polls leave
+    it unloaded until POST /models/{name}/load."""
+    registry = _registry(request)
+    if not await registry.unload(name):
+        raise ProblemError(404, "Unknown model", f"model {name!r} is not loaded", slug="unknown-model")
+    return {"name": name, "state": "UNLOADED", "default_model": registry.runtime.default_model}
