@@ -62,6 +62,8 @@ def _base_parser() -> argparse.ArgumentParser:
                           "images are colour; a folder mixing both needs it)")
     fit.add_argument("--no-export", action="store_true", help="do not export ONNX graphs into --out")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    # build-defaults' parallel fits report their progress on a pipe (training/progress.py)
+    fit.add_argument("--progress-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     ev = sub.add_parser("evaluate", help="print the test figures of a fitted model as JSON")
     ev.add_argument("run_dir", type=Path, help="folder written by 'fit'")
@@ -80,7 +82,9 @@ def _base_parser() -> argparse.ArgumentParser:
     bd.add_argument("--force", action="store_true", help="rebuild models that are already there and valid")
     bd.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="fits at a time, each in its own process (default: up to 2, the cores of a small host)")
-    bd.add_argument("--quiet", action="store_true")
+    bd.add_argument("--quiet", action="store_true", help="no progress display")
+    bd.add_argument("--progress-every", type=float, default=None, metavar="SECONDS",
+                    help="without a terminal: a progress line per model this often (default 15)")
     return parser
 
 
@@ -99,11 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         if args.command == "build-defaults":
-            from training.defaults import build_defaults
+            from training.defaults import PLAIN_EVERY_S, build_defaults
 
-            build_defaults(args.models_dir, runs_dir=args.runs_dir, force=args.force, progress=not args.quiet,
-                           jobs=args.jobs)
-            return 0
+            status = build_defaults(args.models_dir, runs_dir=args.runs_dir, force=args.force,
+                                    progress=not args.quiet, jobs=args.jobs,
+                                    every=args.progress_every or PLAIN_EVERY_S)
+            failed = [name for name, s in status.items() if s == "failed"]
+            if failed:
+                print(f"error: {len(failed)} default model(s) failed: {', '.join(failed)} (see above)", file=sys.stderr)
+            return 1 if failed else 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -129,7 +137,9 @@ def _fit(driver: ModuleType, args: argparse.Namespace) -> int:
     metrics = driver.fit(args, data, args.out)
     if not args.no_export:
         from training.export import export_checkpoint
+        from training.progress import reporter
 
+        reporter(args).phase("exporting")
         export_checkpoint(args.out, args.out)
     print(json.dumps(metrics, indent=2))
     return 0

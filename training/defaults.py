@@ -5,15 +5,20 @@
 Each model is fitted on the 4,000 training rows of the `mnist5k-bin` split (ppca on the same rows,
 continuous), so its card's test figures are honest figures on the 1,000 test rows. A model whose
 folder is already there and valid is skipped; a broken one is rebuilt. Every model is exported into
-a hidden temporary folder and moved into place only once its card validates, so the service never
-sees a half-written model.
+a hidden folder beside its target and renamed into place once its card validates
+(training/staging.py), so a service polling the repository never sees a half-written model: it
+serves each model as soon as its export lands.
+
+With `jobs` > 1 the fits run as that many processes at a time, each reporting its progress on a pipe
+(training/progress.py): one bar per model in a terminal, a plain line per model every `every` seconds
+otherwise. A fit that fails shows its own last lines and exit status; the others go on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,18 +26,30 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from service.repository import ModelRepositoryError, load_model_card
+from training.progress import Board
 
 log = logging.getLogger(__name__)
 
 # name -> `python -m training fit` arguments (besides --out). The VAE settings are the fit defaults:
-# the quality models of docs/benchmarks.md.
+# the quality models of docs/benchmarks.md. Fitted in this order, `jobs` at a time: ppca first, the
+# quickest, to be served within a minute or two; then the longest, flow-vae, so that it starts at once
+# beside ppca, and vae takes ppca's place when it is done (all three are done sooner than in any other order).
 DEFAULT_MODELS: dict[str, list[str]] = {
     # PPCA selects nothing on validation rows, so it is fitted on all 4,000 training rows.
     "ppca-mnist": ["--model", "ppca", "--method", "em", "--dataset", "mnist5k", "--latent-dim", "40",
                    "--valid-fraction", "0"],
-    "vae-mnist": ["--model", "vae", "--dataset", "mnist5k-bin"],
     "flow-vae-mnist": ["--model", "flow-vae", "--dataset", "mnist5k-bin"],
+    "vae-mnist": ["--model", "vae", "--dataset", "mnist5k-bin"],
 }
+PLAIN_EVERY_S = 15.0  # without a terminal: one progress line per model this often
+LOG_TAIL_LINES = 20  # of a failed fit's output, shown
+
+
+class FitError(RuntimeError):
+    """A default model's fit failed: how (its exit status), and what it said."""
+
+    def __init__(self, name: str, how: str, said: str):
+        super().__init__(f"the fit failed: {how}" + (f"\n{said}" if said else ""))
 
 
 def model_is_valid(path: Path, kind: str) -> bool:
@@ -45,61 +62,127 @@ def model_is_valid(path: Path, kind: str) -> bool:
     return card.kind == kind
 
 
-def build_defaults(models_dir: str | Path, *, runs_dir: str | Path = "runs", force: bool = False,
-                   progress: bool = True, names: list[str] | None = None, jobs: int = 1) -> dict[str, str]:
-    """Fit and export each missing default model; return name -> 'built' or 'present'.
-
-    With ``jobs`` > 1 the fits run as that many `python -m training fit` processes at a time (each
-    fit uses one torch thread by default, so 2 jobs fill 2 cores); exports run here as fits finish.
-    """
-    from training.export import export_checkpoint
-
-    models_dir, runs_dir = Path(models_dir), Path(runs_dir)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    status, todo = {}, []
+def missing_defaults(models_dir: str | Path, names: list[str] | None = None, force: bool = False) -> list[str]:
+    """The default models (of `names`, all by default) whose folder is missing or invalid, in fitting order."""
+    todo = []
     for name in names or list(DEFAULT_MODELS):
         try:
             fit_args = DEFAULT_MODELS[name]
         except KeyError:
             raise ValueError(f"unknown default model {name!r}: expected one of {', '.join(DEFAULT_MODELS)}") from None
         kind = fit_args[fit_args.index("--model") + 1]
-        if not force and model_is_valid(models_dir / name, kind):
-            print(f"[build-defaults] {name}: present and valid, skipped")
-            status[name] = "present"
-        else:
+        if force or not model_is_valid(Path(models_dir) / name, kind):
             todo.append(name)
+    return sorted(todo, key=list(DEFAULT_MODELS).index)
+
+
+def build_defaults(models_dir: str | Path, *, runs_dir: str | Path = "runs", force: bool = False,
+                   progress: bool = True, names: list[str] | None = None, jobs: int = 1,
+                   every: float = PLAIN_EVERY_S, board: Board | None = None) -> dict[str, str]:
+    """Fit and export each missing default model; return name -> 'built', 'present' or 'failed'.
+
+    With ``jobs`` > 1 the fits run as that many `python -m training fit` processes at a time (each
+    fit uses one torch thread by default, so 2 jobs fill 2 cores); exports run here as fits finish.
+    `board` shows their progress (by default a new one when `progress`; scripts/run passes its own).
+    """
+    from training.export import export_checkpoint
+
+    models_dir, runs_dir = Path(models_dir), Path(runs_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    todo = missing_defaults(models_dir, names, force)
+    status = {}
+    for name in names or list(DEFAULT_MODELS):
+        if name not in todo:
+            print(f"[build-defaults] {name}: present and valid, skipped", flush=True)
+            status[name] = "present"
     if not todo:
         return status
+    own_board = board is None and progress and jobs > 1
+    if own_board:
+        board = Board(todo, every=every)
+    say = board.write if board is not None else (lambda line: print(line, flush=True))
 
-    def fit(name: str) -> float:
-        start = time.perf_counter()
-        argv = ["fit", *DEFAULT_MODELS[name], "--out", str(runs_dir / name), "--no-export"]
-        # Progress bars of parallel fits would overwrite each other: only a lone fit shows its bar.
-        argv += [] if progress and jobs == 1 else ["--quiet"]
-        print(f"[build-defaults] {name}: fitting ({' '.join(DEFAULT_MODELS[name])})", flush=True)
-        if jobs == 1:
-            from training.cli import main as cli_main
+    def failed(name: str, e: Exception) -> None:
+        status[name] = "failed"
+        if board is not None:
+            board.phase(name, "failed", done=True)
+        say(f"[build-defaults] {name}: {e}")
 
-            code = cli_main(argv)
-        else:
-            # One thread per process: two OpenMP teams on two cores slow each other down many times over.
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            code = subprocess.run([sys.executable, "-m", "training", *argv], stdout=subprocess.DEVNULL,
-                                  env=env).returncode
-        if code != 0:
-            raise RuntimeError(f"fitting default model {name!r} failed (exit {code}); see the error above")
-        return time.perf_counter() - start
+    def export(name: str, seconds: float) -> None:
+        # One export at a time, beside the fits: a fit's slot goes to the next fit at once.
+        if board is not None:
+            board.phase(name, "exporting")
+        try:
+            export_checkpoint(runs_dir / name, models_dir / name, name=name)
+        except Exception as e:  # noqa: BLE001 - this model's failure; the others go on
+            failed(name, e)
+            return
+        status[name] = "built"
+        text = f"fitted in {seconds:.0f} s, exported to {models_dir / name}"
+        if board is not None:
+            board.phase(name, text, done=True)
+        if board is None or board.live:
+            say(f"[build-defaults] {name}: {text}")
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(fit, name): name for name in todo}
-        for future in as_completed(futures):
-            name = futures[future]
-            seconds = future.result()
-            target, staging = models_dir / name, models_dir / f".{name}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            export_checkpoint(runs_dir / name, staging, name=name)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-            print(f"[build-defaults] {name}: fitted in {seconds:.0f} s, exported -> {target}", flush=True)
-            status[name] = "built"
+    try:
+        with ThreadPoolExecutor(max_workers=1) as exports, ThreadPoolExecutor(max_workers=max(1, jobs)) as fits:
+            futures = {fits.submit(_fit, name, runs_dir, progress, jobs, board): name for name in todo}
+            for future in as_completed(futures):
+                name = futures[future]
+                try:
+                    seconds = future.result()
+                except Exception as e:  # noqa: BLE001 - this model's failure; the others go on
+                    failed(name, e)
+                else:
+                    exports.submit(export, name, seconds)
+    finally:
+        if own_board:
+            board.close()
     return status
+
+
+def _fit(name: str, runs_dir: Path, progress: bool, jobs: int, board: Board | None) -> float:
+    """Fit default model `name` into runs_dir/name without exporting; seconds taken. FitError when it fails."""
+    start = time.perf_counter()
+    out = runs_dir / name
+    argv = ["fit", *DEFAULT_MODELS[name], "--out", str(out), "--no-export"]
+    if board is not None:
+        board.start(name)
+    else:
+        print(f"[build-defaults] {name}: fitting ({' '.join(DEFAULT_MODELS[name])})", flush=True)
+    if jobs == 1:  # here, with the fit's own progress bar (the only one on the screen)
+        from training.cli import main as cli_main
+
+        try:
+            code = cli_main(argv + ([] if progress else ["--quiet"]))
+        except Exception as e:  # noqa: BLE001 - reported as this model's failure
+            raise FitError(name, type(e).__name__, str(e)) from e
+        if code != 0:
+            raise FitError(name, f"exit status {code} (its error is above)", "")
+        return time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "fit.log"
+    # One thread per process: two OpenMP teams on two cores slow each other down many times over.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    read_fd, write_fd = os.pipe()
+    try:
+        with open(log_path, "wb") as log_file:
+            cmd = [sys.executable, "-m", "training", *argv, "--quiet", "--progress-fd", str(write_fd)]
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, encoding="utf-8", errors="replace") as pipe:
+        for line in pipe:  # until the fit exits
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if board is not None and isinstance(event, dict):
+                board.event(name, event)
+    code = proc.wait()
+    if code != 0:
+        lines = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        raise FitError(name, f"{status}; its last lines (all of them in {log_path}):",
+                       "\n".join("    " + ln for ln in lines))
+    return time.perf_counter() - start

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training import plots
+from training import plots, progress
 from training.common import (
     METRICS,
     bits_per_dim,
@@ -118,6 +118,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
     if args.method == "sem":
         settings.update(_sem_record(args))
     meta = run_meta(args, data, settings, history)
+    progress.reporter(args).phase("evaluating")
     model = model.cpu()
     save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.state_dict(), meta=meta)
     metrics = {
@@ -142,6 +143,7 @@ def _fit_em(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: lis
         ll = mean_log_prob(model, x, args.chunk_size)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.6f}", gain=f"{ll - prev:.2e}", refresh=False)
+        progress.reporter(args).step(it, max_iter, "iteration", gain=(ll - prev, args.tol), **{"log-lik": ll})
         if ll - prev < args.tol:
             return it
         prev = ll
@@ -165,11 +167,12 @@ def _fit_sem(model: PPCA, x: torch.Tensor, args: argparse.Namespace, history: li
     epochs = args.iterations or 60
     sem = StochasticEM(model, x, _sem_settings(args), generator)
     bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=args.quiet)
-    for _ in bar:
+    for epoch in bar:
         sem.advance(len(x))
         ll = mean_log_prob(model, x, args.chunk_size)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.4f}", kappa=f"{sem.last_kappa:.2e}", refresh=False)
+        progress.reporter(args).step(epoch, epochs, "epoch", **{"log-lik": ll})
     return epochs
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training import plots
+from training import plots, progress
 from training.common import (
     METRICS,
     bits_per_dim,
@@ -138,6 +138,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
     step, epoch = 0, 0
     start = time.perf_counter()
     bar = tqdm(range(1, args.epochs + 1), desc=args.model, unit="epoch", disable=args.quiet)
+    report = progress.reporter(args)  # to build-defaults, when it started this fit
     for epoch in bar:
         model.train()
         xs = (torch.rand(x_train.shape, generator=gen, **f32) < x_train).float() if dynamic else x_train
@@ -157,6 +158,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{-train_elbo:.2f}", valid_elbo=f"{valid_elbo:.2f}", best=f"{best['elbo']:.2f}",
                         s_per_epoch=f"{elapsed / epoch:.2f}", refresh=False)
+        report.step(epoch, args.epochs, "epoch", **{"train ELBO": train_elbo, "valid ELBO": valid_elbo})
         if args.patience and epoch - best["epoch"] >= args.patience:
             break
         if args.time_limit is not None and elapsed >= args.time_limit:
@@ -182,6 +184,7 @@ def fit(args: argparse.Namespace, data: ImageData, out: Path) -> dict:
     config["encoder_hidden"], config["decoder_hidden"] = list(cfg.encoder_hidden), list(cfg.decoder_hidden)
     save_checkpoint(out, kind=args.model, config=config,
                     state_dict={k: v.cpu() for k, v in model.state_dict().items()}, meta=meta)
+    report.phase("evaluating")
     eval_start = time.perf_counter()
     figures = _figures(model, data, S=args.eval_samples, chunk=args.chunk, seed=args.seed, device=device)
     metrics = {
