@@ -43,6 +43,7 @@ DEFAULT_MODELS: dict[str, list[str]] = {
 }
 PLAIN_EVERY_S = 15.0  # without a terminal: one progress line per model this often
 LOG_TAIL_LINES = 20  # of a failed fit's output, shown
+_running: set[subprocess.Popen] = set()  # the fit processes now running (stop_fits)
 
 
 class FitError(RuntimeError):
@@ -171,6 +172,7 @@ def _fit(name: str, runs_dir: Path, progress: bool, jobs: int, board: Board | No
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,))
     finally:
         os.close(write_fd)
+    _running.add(proc)
     with os.fdopen(read_fd, encoding="utf-8", errors="replace") as pipe:
         for line in pipe:  # until the fit exits
             try:
@@ -180,9 +182,17 @@ def _fit(name: str, runs_dir: Path, progress: bool, jobs: int, board: Board | No
             if board is not None and isinstance(event, dict):
                 board.event(name, event)
     code = proc.wait()
+    _running.discard(proc)
     if code != 0:
         lines = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         raise FitError(name, f"{status}; its last lines (all of them in {log_path}):",
                        "\n".join("    " + ln for ln in lines))
     return time.perf_counter() - start
+
+
+def stop_fits() -> None:
+    """Terminate the fits now running (scripts/run on SIGTERM: they are not in the caller's way otherwise)."""
+    for proc in list(_running):
+        if proc.poll() is None:
+            proc.terminate()
