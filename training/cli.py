@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         if args.command == "build-defaults":
-            from training.defaults import PLAIN_EVERY_S, build_defaults
+            from training.defaults import build_defaults
 
             status = build_defaults(args.models_dir, runs_dir=args.runs_dir, force=args.force,
                                     progress=not args.quiet, jobs=args.jobs,
-                                    every=args.progress_every or PLAIN_EVERY_S)
+                                    every=args.progress_every)
             failed = [name for name, s in status.items() if s == "failed"]
             if failed:
                 print(f"error: {len(failed)} default model(s) failed: {', '.join(failed)} (see above)", file=sys.stderr)

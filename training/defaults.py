@@ -41,7 +41,6 @@ DEFAULT_MODELS: dict[str, list[str]] = {
     "flow-vae-mnist": ["--model", "flow-vae", "--dataset", "mnist5k-bin"],
     "vae-mnist": ["--model", "vae", "--dataset", "mnist5k-bin"],
 }
-PLAIN_EVERY_S = 15.0  # without a terminal: one progress line per model this often
 LOG_TAIL_LINES = 20  # of a failed fit's output, shown
 _running: set[subprocess.Popen] = set()  # the fit processes now running (stop_fits)
 
@@ -79,7 +78,7 @@ def missing_defaults(models_dir: str | Path, names: list[str] | None = None, for
 
 def build_defaults(models_dir: str | Path, *, runs_dir: str | Path = "runs", force: bool = False,
                    progress: bool = True, names: list[str] | None = None, jobs: int = 1,
-                   every: float = PLAIN_EVERY_S, board: Board | None = None) -> dict[str, str]:
+                   every: float | None = None, board: Board | None = None) -> dict[str, str]:
     """Fit and export each missing default model; return name -> 'built', 'present' or 'failed'.
 
     With ``jobs`` > 1 the fits run as that many `python -m training fit` processes at a time (each

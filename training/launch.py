@@ -138,13 +138,16 @@ def main(argv: list[str] | None = None) -> int:
             if failed:
                 print(f"{PREFIX}{', '.join(failed)} could not be built (see above); the service goes on with the "
                       "others", flush=True)
-        return service.wait()
+        code = service.wait()
+        return 128 - code if code < 0 else code  # killed by a signal: as a shell says it
     except KeyboardInterrupt:
         stopping.set()
         defaults.stop_fits()
         if service.poll() is None:
             service.send_signal(signal.SIGTERM)
-        return service.wait()
+            # uvicorn ends a graceful shutdown by raising the signal again: stopped as asked, not a failure
+            return 0 if service.wait() == -signal.SIGTERM else abs(service.returncode)
+        return abs(service.returncode)
     finally:
         watcher.stop.set()
         pump.join(timeout=5)

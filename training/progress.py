@@ -24,6 +24,7 @@ from typing import IO, Any
 
 # Steps closer together than this are not all sent (EM runs a dozen iterations a second): the last one is.
 MIN_INTERVAL_S = 0.25
+PLAIN_EVERY_S = 15.0  # without a terminal: one line per model this often
 
 
 class Reporter:
@@ -139,11 +140,11 @@ class Board:
     Thread-safe: each fit's reader thread calls `event`; `write` prints a line above the bars.
     """
 
-    def __init__(self, names: list[str], *, live: bool | None = None, every: float = 15.0,
+    def __init__(self, names: list[str], *, live: bool | None = None, every: float | None = None,
                  stream: IO[str] | None = None, prefix: str = "[build-defaults] "):
         self.stream = stream or sys.stderr
         self.live = _is_terminal(self.stream) if live is None else live
-        self.every, self.prefix = every, prefix
+        self.every, self.prefix = PLAIN_EVERY_S if every is None else every, prefix
         self.models = {n: _Model(n) for n in names}
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -231,7 +232,7 @@ class Board:
 
     def _tick(self) -> None:
         last_plain = time.monotonic()
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(min(1.0, self.every)):
             with self._lock:
                 now = time.monotonic()
                 if self.live:
