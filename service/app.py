@@ -495,7 +495,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # The routes themselves, not app.include_router(router): an included router is matched through
         # another layer of route contexts on every request (about 8 % of POST /encode's time).
-        routes=[*inference.routes, *router.routes, *control.router.routes],
+        routes=[*inference.routes, *router.routes, *control.router(settings).routes],
     )
     metrics = Metrics()
     app.state.settings = settings

@@ -2,7 +2,8 @@
 
 They change what every client is served, so they need the API key: with LATENTSERVE_API_KEY set, a request
 without it is refused before it gets here (401, service/middleware.py); a service without a key answers them
-403. A model unloaded here stays unloaded, whatever the repository polls find, until it is loaded here again.
+403 and leaves them out of its OpenAPI schema (nothing a client can call). A model unloaded here stays
+unloaded, whatever the repository polls find, until it is loaded here again.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from pydantic import BaseModel, Field
 from service.errors import ProblemError
 from service.registry import ModelLoadError, ModelNotFoundError
 from service.schemas import Problem
-
-router = APIRouter()
 
 _RESPONSES = {code: {"model": Problem, "description": text} for code, text in {
     401: "API key missing or wrong",
@@ -47,8 +46,6 @@ def _registry(request: Request):
     return registry
 
 
-@router.post("/models/{name}/load", response_model=ModelControl, tags=["models"], responses=_RESPONSES,
-             summary="load a model from its folder now, or reload it (needs the API key)")
 async def load_model(request: Request, name: Name) -> dict:
     """Load `name` from the repository's folder of that name, or load it again when it is served: the new
     version replaces the old one atomically (requests in flight finish on the version they started with).
@@ -64,8 +61,6 @@ async def load_model(request: Request, name: Name) -> dict:
     return {"name": name, "state": "READY", "default_model": registry.runtime.default_model}
 
 
-@router.post("/models/{name}/unload", response_model=ModelControl, tags=["models"], responses=_RESPONSES,
-             summary="stop serving a model until it is loaded again (needs the API key)")
 async def unload_model(request: Request, name: Name) -> dict:
     """Stop serving `name`: new requests for it get 404, requests in flight finish. The repository polls leave
     it unloaded until POST /models/{name}/load."""
@@ -73,3 +68,13 @@ async def unload_model(request: Request, name: Name) -> dict:
     if not await registry.unload(name):
         raise ProblemError(404, "Unknown model", f"model {name!r} is not loaded", slug="unknown-model")
     return {"name": name, "state": "UNLOADED", "default_model": registry.runtime.default_model}
+
+
+def router(settings) -> APIRouter:
+    """The two routes, in the OpenAPI schema only when the service has an API key."""
+    r = APIRouter(include_in_schema=settings.api_key is not None, tags=["models"])
+    r.add_api_route("/models/{name}/load", load_model, methods=["POST"], response_model=ModelControl,
+                    responses=_RESPONSES, summary="load a model from its folder now, or reload it (needs the API key)")
+    r.add_api_route("/models/{name}/unload", unload_model, methods=["POST"], response_model=ModelControl,
+                    responses=_RESPONSES, summary="stop serving a model until it is loaded again (needs the API key)")
+    return r

@@ -120,6 +120,8 @@ class ModelRegistry:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.started:  # the app's lifespan run again (a test client of a test client): loaded already
+            return
         await self.poll()  # the first poll loads the whole repository
         self.started = True
         self._changed()
@@ -133,11 +135,15 @@ class ModelRegistry:
             log.info("polling the model repository every %g s", interval)
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        loop = asyncio.get_running_loop()
+        poller, self._poller = self._poller, None
+        if poller is not None and poller.get_loop() is not loop:  # started by a lifespan run in another loop
+            poller.get_loop().call_soon_threadsafe(poller.cancel)
+        elif poller is not None:
+            poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-        for task in list(self._retiring):
+                await poller
+        for task in [t for t in self._retiring if t.get_loop() is loop]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._loader.shutdown(wait=False, cancel_futures=True)

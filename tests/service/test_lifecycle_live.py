@@ -144,6 +144,7 @@ def test_a_broken_new_version_leaves_the_old_one_serving(server, versions):
 def test_explicit_unload_and_load_and_a_removed_folder(server, versions, model_repo):
     url, repo = server.url, server.repo
     _wait(lambda: _latent_dim(url) is not None, "a served version")
+    assert "/models/{name}/load" in httpx.get(f"{url}/openapi.json", headers=KEY, timeout=10).json()["paths"]
     assert httpx.post(f"{url}/models/{NAME}/unload", timeout=10).status_code == 401  # the API key
     r = httpx.post(f"{url}/models/{NAME}/unload", headers=KEY, timeout=10)
     assert r.status_code == 200 and r.json()["state"] == "UNLOADED", r.text
@@ -178,3 +179,5 @@ def test_model_control_is_off_without_an_api_key(live):
         r = httpx.post(f"{live.url}/models/ppca-digits/{action}", timeout=10)
         assert r.status_code == 403 and "LATENTSERVE_API_KEY" in r.json()["detail"], r.text
     assert httpx.post(f"{live.url}/encode", json={"images": [[0.5] * 64]}, timeout=10).status_code == 200
+    paths = httpx.get(f"{live.url}/openapi.json", timeout=10).json()["paths"]
+    assert "/models/{name}" in paths and not any(p.endswith(("/load", "/unload")) for p in paths)

@@ -72,11 +72,19 @@ def test_a_folder_missing_at_one_poll_is_not_unloaded(model_repo, tmp_path):
         await registry.poll()
         await registry.poll()
         assert NAME in runtime.models
+        assert registry.index() == [{"name": NAME, "state": "READY", "reason": ""}]
+        assert await registry.unload(NAME) and not await registry.unload(NAME)
+        assert registry.index() == [{"name": NAME, "state": "UNLOADED", "reason": "unloaded on request"}]
+        await registry.poll()
+        assert NAME not in runtime.models  # the polls leave it unloaded
+        await registry.load(NAME)
+        assert NAME in runtime.models
         shutil.rmtree(repo / NAME)
         await registry.poll()
         assert NAME in runtime.models and runtime.ready
         await registry.poll()
         assert NAME not in runtime.models and not runtime.ready
+        assert registry.index() == []
         assert (await client.get("/ready")).status_code == 503
         r = await client.post("/encode", json={"images": [[0.5] * 64]})
         assert r.status_code == 503 and r.json()["detail"] == "no models are loaded"
