@@ -6,7 +6,7 @@ First `--swaps` fresh exports of the model's checkpoint (`runs/NAME`, training/e
 folder beside a scratch repository. One `python -m service` serves that repository, polling it every `--poll` s.
 Each round runs wrk (one thread, `--clients` connections) twice on that same process: without swaps, then while
 the served folder is replaced `--swaps` times, every `--every` s, by the next export (renamed into place as the
-training code does it: training/staging.py), each swap waited for until the service logs the reload. Records the
+training code does it: training/staging.py), each swap waited for until the service serves it. Records the
 errors (non-2xx answers and socket errors), requests/s, p50 and p99 of both runs side by side, and the service's
 resident memory before the rounds, after each swap and after each round. Needs wrk (apt-get install wrk).
 """
@@ -45,38 +45,35 @@ def _prepare(args, scratch: Path) -> list[Path]:
     return exports
 
 
-class _Reloads:
-    """How many reloads of `model` the service has logged so far (reads only what was added since last time: the
-    log also holds a line per request)."""
+def _served_version(port: int, model: str) -> tuple[str | None, str | None]:
+    """The `created` stamp of the card the service serves, and the failure GET /models shows for the model."""
+    import httpx
 
-    def __init__(self, log: Path, model: str):
-        self.log, self.needle, self.offset, self.count, self.rest = log, f"model {model} reloaded", 0, 0, ""
-
-    def __call__(self) -> int:
-        with open(self.log, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        self.offset += len(data)
-        text = self.rest + data.decode(errors="replace")
-        head, _, self.rest = text.rpartition("\n")
-        self.count += head.count(self.needle)
-        return self.count
+    body = httpx.get(f"http://127.0.0.1:{port}/models", timeout=10).json()
+    card = next((m for m in body["models"] if m["name"] == model), None)
+    created = httpx.get(f"http://127.0.0.1:{port}/models/{model}", timeout=10).json()["card"]["created"] \
+        if card else None
+    return created, body["unavailable"].get(model)
 
 
-def _swapper(args, sources: list[Path], scratch: Path, target: Path, reloads: _Reloads, pid: int,
+def _swapper(args, sources: list[Path], scratch: Path, target: Path, port: int, pid: int,
              rss: list[float], seconds: list[float], errors: list[BaseException]) -> None:
-    """Replace `target` by each of `sources` in turn, every `args.every` s, waiting for each reload."""
+    """Replace `target` by each of `sources` in turn, every `args.every` s, waiting until the service serves it
+    (its card's `created` stamp: the exports were made seconds apart)."""
     from training.staging import publish as publish_folder
 
     try:
         time.sleep(1.0 + 1.5)  # wrk's 1 s warm-up, then into the measured run
         for source in sources:
-            before, t0 = reloads(), time.perf_counter()
+            t0 = time.perf_counter()
+            created = json.loads((source / "card.json").read_text())["created"]
             staged = scratch / f".swap-{time.monotonic_ns()}"
             shutil.copytree(source, staged, copy_function=os.link)  # a new folder of that export's files
             publish_folder(staged, target)
-            while reloads() == before:
-                time.sleep(0.02)
+            while (got := _served_version(port, args.model))[0] != created:
+                if got[1]:
+                    raise RuntimeError(f"the new version failed to load: {got[1]}")
+                time.sleep(0.05)
             seconds.append(time.perf_counter() - t0)
             rss.append(_rss_mb(pid))
             time.sleep(max(0.0, args.every - (time.perf_counter() - t0)))
@@ -91,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--swaps", type=int, default=10)
     p.add_argument("--every", type=float, default=2.5, help="seconds between two swaps")
     p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--poll", type=float, default=0.5, help="the service's LATENTSERVE_REPOSITORY_POLL_SECONDS")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     port, log = _free_port(), scratch / "service.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSERVE_")}
-    env.update(LATENTSERVE_MODELS_DIR=str(repo), LATENTSERVE_LOG_LEVEL="info", LATENTSERVE_DEFAULT_MODEL=args.model,
+    env.update(LATENTSERVE_MODELS_DIR=str(repo), LATENTSERVE_LOG_LEVEL="warning", LATENTSERVE_DEFAULT_MODEL=args.model,
                LATENTSERVE_REPOSITORY_POLL_SECONDS=str(args.poll))
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT, env=env, stdout=out,
@@ -132,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the service did not start:\n{log.read_text()[-2000:]}")
 
     rss_start = _rss_mb(proc.pid)
-    reloads = _Reloads(log, args.model)
     seconds = args.swaps * args.every + 8  # per wrk run: every swap falls inside it
     rows: dict[str, list[dict]] = {"no swaps": [], "swaps": []}
     rss_after_swap: list[list[float]] = []
@@ -148,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             swapper_error: list[BaseException] = []
             sources = [exports[(n_export + i) % len(exports)] for i in range(args.swaps)]
             n_export += args.swaps
-            t = threading.Thread(target=_swapper, args=(args, sources, scratch, repo / args.model, reloads, proc.pid,
+            t = threading.Thread(target=_swapper, args=(args, sources, scratch, repo / args.model, port, proc.pid,
                                                         rss_round, swap_seconds, swapper_error))
             t.start()
             res = _load_wrk(port, png, args.clients, seconds, scratch)
@@ -166,23 +162,28 @@ def main(argv: list[str] | None = None) -> int:
     with open(log, "rb") as f:
         failures = sum(line.count(b"not reloading model folder") for line in f)
 
-    def med(run: str, key: str) -> float:
-        return float(np.median([r[key] for r in rows[run]]))
-
-    lines = [f"Model `{args.model}`; {args.swaps + 1} fresh exports of `{args.checkpoint.relative_to(ROOT)}` made "
-             f"first; one `python -m service` (default settings, repository polled every {args.poll:g} s) under wrk "
-             f"(1 thread, {args.clients} connections, POST /encode of one {H}x{W} PNG) for "
-             f"{seconds:g} s per run; each round: a run without swaps, then a run during which "
-             f"the served folder is replaced {args.swaps} times, every {args.every:g} s, by the next export (a new "
-             f"folder renamed into place with RENAME_EXCHANGE, training/staging.py). {args.rounds} round(s); "
-             "medians, errors summed.", "",
-             "| run | req/s | p50 ms | p99 ms | requests | errors |", "| --- | --- | --- | --- | --- | --- |"]
-    for run in rows:
-        lines.append(f"| {run} | {med(run, 'rps'):.0f} | {med(run, 'p50'):.1f} | {med(run, 'p99'):.1f} | "
-                     f"{sum(r['n'] for r in rows[run])} | {sum(r['errors'] for r in rows[run])} |")
-    lines += ["", f"- swaps: {len(swap_seconds)}, each loaded and serving in {np.median(swap_seconds):.2f} s (median; "
-              f"max {max(swap_seconds):.2f} s: from the rename to the service's log line, polling included); "
-              f"failed reloads: {failures}",
+    lines = [f"Model `{args.model}`; {args.swaps + 1} fresh exports of `runs/{args.checkpoint.name}` made "
+             f"first; one `python -m service` (default settings, log level warning, repository polled every "
+             f"{args.poll:g} s) under wrk (1 thread, {args.clients} connections, POST /encode of one {H}x{W} PNG) "
+             f"for {seconds:g} s per run; each round: a run without swaps, then a run during which the served "
+             f"folder is replaced {args.swaps} times, every {args.every:g} s, by the next export (a new folder renamed "
+             "into place with RENAME_EXCHANGE, training/staging.py), each swap waited for until GET /models/NAME "
+             f"shows the new card. {args.rounds} rounds; the ratios are taken within a round (the two runs are a "
+             "minute apart; the machine's speed drifts more than that over the rounds).", "",
+             "| round | run | req/s | p50 ms | p99 ms | requests | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for i in range(args.rounds):
+        for run in rows:
+            r = rows[run][i]
+            lines.append(f"| {i + 1} | {run} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['n']} | "
+                         f"{r['errors']} |")
+    ratio = {k: [b[k] / a[k] for a, b in zip(rows["no swaps"], rows["swaps"], strict=True)] for k in ("rps", "p50",
+                                                                                                        "p99")}
+    lines += ["", "- with swaps / without, per round: " + "; ".join(
+                  f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in ratio.items()),
+              f"- swaps: {len(swap_seconds)}, errors during them: {sum(r['errors'] for r in rows['swaps'])}; each new "
+              f"version served {np.median(swap_seconds):.2f} s after its rename (median; max {max(swap_seconds):.2f} "
+              f"s; polling included); failed reloads: {failures}",
               f"- resident memory of the service: {rss_start:.0f} MB after start; after each swap, round by round: "
               + "; ".join(", ".join(f"{r:.0f}" for r in rr) for rr in rss_after_swap)
               + f" MB; 2 s after each round: {', '.join(f'{r:.0f}' for r in rss_after_round)} MB"]

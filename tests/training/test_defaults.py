@@ -30,11 +30,4 @@ def test_unknown_default_name(tmp_path, tiny_defaults):
         defaults.build_defaults(tmp_path, names=["gan"])
 
 
-def test_parallel_build_in_subprocesses(tmp_path, monkeypatch):
-    monkeypatch.setattr(defaults, "DEFAULT_MODELS", {
-        "ppca-a": ["--model", "ppca", "--method", "closed-form", "--dataset", "digits", "--latent-dim", "2"],
-        "ppca-b": ["--model", "ppca", "--method", "closed-form", "--dataset", "digits", "--latent-dim", "3"],
-    })
-    status = defaults.build_defaults(tmp_path / "models", runs_dir=tmp_path / "runs", progress=False, jobs=2)
-    assert status == {"ppca-a": "built", "ppca-b": "built"}
-    assert load_model_card(tmp_path / "models" / "ppca-b").latent_dim == 3
+# Fits in parallel processes (--jobs 2), their progress and a failed fit: tests/training/test_progress.py.
