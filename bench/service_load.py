@@ -128,7 +128,7 @@ async def _load(port: int, png: bytes, clients: int, n_requests: int, seconds: f
 
 WRK_SCRIPT = """
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"
+%(headers)s
 local f = io.open("%(body)s", "rb")
 wrk.body = f:read("*all")
 f:close()
@@ -143,24 +143,38 @@ def _wrk_units(value: str) -> float:
     raise ValueError(f"unexpected wrk latency {value!r}")
 
 
+def wrk_post(url: str, body: bytes, headers: dict[str, str], clients: int, seconds: float, workdir: Path,
+             cpu_seconds=None) -> dict:
+    """One wrk run POSTing `body` to `url` (one load-generator thread, `clients` connections, after a one-second
+    warm-up): req/s, p50/p99 ms, the requests and the errors (non-2xx answers and socket errors); with
+    `cpu_seconds` (a function: the server's CPU time so far), also the server's CPU microseconds per request."""
+    (workdir / "body.bin").write_bytes(body)
+    lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
+    (workdir / "post.lua").write_text(WRK_SCRIPT % {"headers": lines, "body": workdir / "body.bin"})
+    subprocess.run(["wrk", "-t1", f"-c{clients}", "-d1s", "-s", str(workdir / "post.lua"), url],
+                   check=True, capture_output=True)  # warm-up
+    cpu0 = cpu_seconds() if cpu_seconds else 0.0
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s",
+                          str(workdir / "post.lua"), url], check=True, capture_output=True, text=True).stdout
+    cpu = cpu_seconds() - cpu0 if cpu_seconds else None
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    if len(pct) < 2:  # no request completed (every one timed out): no latency distribution to read
+        raise RuntimeError(f"wrk measured no latencies at {clients} clients on {url}:\n{out}")
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": _wrk_units(pct["50"]),
+            "p99": _wrk_units(pct["99"]), "n": n, "errors": errors,
+            "cpu_us": None if cpu is None else 1e6 * cpu / max(n, 1)}
+
+
 def _load_wrk(port: int, png: bytes, clients: int, seconds: float, workdir: Path) -> dict:
-    """One wrk run (one load-generator thread, `clients` connections): req/s, p50/p99 ms, errors."""
+    """POST /encode with one PNG upload under wrk."""
     boundary = "latentservebench"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"d.png\"\r\n"
             "Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
-    (workdir / "body.bin").write_bytes(body)
-    (workdir / "post.lua").write_text(WRK_SCRIPT % {"boundary": boundary, "body": workdir / "body.bin"})
-    url = f"http://127.0.0.1:{port}/encode"
-    subprocess.run(["wrk", "-t1", f"-c{clients}", "-d1s", "-s", str(workdir / "post.lua"), url],
-                   check=True, capture_output=True)  # warm-up
-    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s",
-                          str(workdir / "post.lua"), url], check=True, capture_output=True, text=True).stdout
-    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
-    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
-    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": _wrk_units(pct["50"]),
-            "p99": _wrk_units(pct["99"]), "n": int(re.search(r"(\d+) requests in", out).group(1)),
-            "errors": errors}
+    return wrk_post(f"http://127.0.0.1:{port}/encode", body,
+                    {"Content-Type": f"multipart/form-data; boundary={boundary}"}, clients, seconds, workdir)
 
 
 SERVERS = [("service, batching", "service", True), ("service, no batching", "service", False),

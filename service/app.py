@@ -33,6 +33,7 @@ from service.errors import PROBLEM_MEDIA_TYPE, ProblemError, install_error_handl
 from service.inputs import _check_count, read_images, read_json, read_query
 from service.metrics import Metrics
 from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
+from service.oip import install as install_oip
 from service.runtime import LoadedModel, Runtime
 from service.schemas import (
     DecodeQuery,
@@ -493,6 +494,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "(PPCA, VAE, planar-flow VAE) with ONNX Runtime. Errors are application/problem+json "
                     "(RFC 9457).",
         lifespan=lifespan,
+        # Off, FastAPI skips its per-request lookup of the global OpenTelemetry providers (loop CPU on every request)
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
         # The routes themselves, not app.include_router(router): an included router is matched through
         # another layer of route contexts on every request (about 8 % of POST /encode's time).
         routes=[*inference.routes, *router.routes, *control.router(settings).routes],
@@ -507,11 +510,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False
     install_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    # Middlewares: the last added is the outermost: CORS -> request id/log/metrics -> API key -> body limit.
+    # Middlewares: the last added is the outermost: CORS -> request id/log/metrics -> /v2 errors -> API key ->
+    # body limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
                        after_large_body=lambda: app.state.runtime.trimmer.soon())
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    install_oip(app)  # /v2 (Open Inference Protocol): its routes, and its error form outside the checks above
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

@@ -35,7 +35,8 @@ class ModelControl(BaseModel):
     default_model: str | None = Field(..., description="the model used when a request names none, after the change")
 
 
-def _registry(request: Request):
+def registry_of(request: Request):
+    """The registry, when model control is on (an API key) and the models are loaded; else 403 or 503."""
     if request.app.state.settings.api_key is None:
         raise ProblemError(403, "Model control is off", "loading and unloading models needs an API key: start the "
                            "service with LATENTSERVE_API_KEY set, and send it in X-API-Key", slug="control-off")
@@ -50,7 +51,7 @@ async def load_model(request: Request, name: Name) -> dict:
     """Load `name` from the repository's folder of that name, or load it again when it is served: the new
     version replaces the old one atomically (requests in flight finish on the version they started with).
     A folder that fails leaves the version loaded before, if any, serving; GET /models lists the failure."""
-    registry = _registry(request)
+    registry = registry_of(request)
     try:
         await registry.load(name)
     except ModelNotFoundError:
@@ -64,7 +65,7 @@ async def load_model(request: Request, name: Name) -> dict:
 async def unload_model(request: Request, name: Name) -> dict:
     """Stop serving `name`: new requests for it get 404, requests in flight finish. The repository polls leave
     it unloaded until POST /models/{name}/load."""
-    registry = _registry(request)
+    registry = registry_of(request)
     if not await registry.unload(name):
         raise ProblemError(404, "Unknown model", f"model {name!r} is not loaded", slug="unknown-model")
     return {"name": name, "state": "UNLOADED", "default_model": registry.runtime.default_model}

@@ -125,7 +125,13 @@ async def read_images(request: Request, settings: Settings, model, invert: bool)
 
         return await offload(size_and_decode_all)
     if _is_json(ctype):
-        body = await request.body()
+        # Every value but the first follows a comma: counted as the body arrives, so that a body with too many
+        # values is refused after the first chunk past the limit, neither stored whole nor scanned with the GIL
+        # held (uvicorn discards the rest of a body whose request has been answered).
+        body = await _read_counted(request, [(b",", settings.max_json_pixels - 1, lambda: ProblemError(
+            413, "Too many pixels", f"the JSON body holds more than {settings.max_json_pixels} values, the limit of "
+            "pixels per request in JSON images; send large images as files (PNG), which cost less to read",
+            slug="too-many-pixels"))])
 
         def parse_all() -> list[img.PreparedImage]:
             return _json_images(body, ctype, settings, shape, channels, invert)
@@ -142,12 +148,8 @@ IMAGES_EXPECTED = ('{"images": [image, ...]} with each image an H x W array (H x
 
 def _json_images(body: bytes, ctype: str, settings: Settings, shape: tuple[int, int], channels: int, invert: bool
                  ) -> list[img.PreparedImage]:
-    # Every value but the first follows a comma. Parsing holds the GIL, even in a worker thread: the count
-    # bounds how long (about 1.5 MB of JSON at the default max_json_pixels).
-    if (values := body.count(b",") + 1) > settings.max_json_pixels:
-        raise ProblemError(413, "Too many pixels", f"the JSON body holds about {values} values, more than the limit "
-                           f"of {settings.max_json_pixels} pixels per request in JSON images; send large images as "
-                           "files (PNG), which cost less to read", slug="too-many-pixels")
+    # The body holds at most max_json_pixels values (read_images counted them): parsing holds the GIL, even in a
+    # worker thread, and the count bounds how long (about 1.5 MB of JSON at the default max_json_pixels).
     payload = parse_json(body, ctype, IMAGES_EXPECTED)
     if isinstance(payload, dict) and isinstance(payload.get("images"), list):
         _check_count(len(payload["images"]), settings)  # before validating thousands of images
@@ -229,13 +231,17 @@ async def read_json(request: Request, schema: type[Q], expected: str, *, max_arr
     with more is refused (413) from a count of its brackets and commas, before it is parsed into Python
     objects (millions of tiny rows would cost seconds and hundreds of MB).
     """
-    body = await request.body()
-    _check_json_counts(body, max_arrays, max_values, expected)
+    limits = []
+    if max_arrays is not None:  # a valid body holds no strings but its keys: every '[' opens an array
+        limits.append((b"[", max_arrays, lambda: ProblemError(
+            413, "Too many values", f"the body holds more than {max_arrays} arrays; expected {expected}",
+            slug="too-many-values")))
+    if max_values is not None:  # ... and every ',' separates two members
+        limits.append((b",", max_values + (max_arrays or 0), lambda: ProblemError(
+            413, "Too many values", f"the body holds more than {max_values} values; expected {expected}",
+            slug="too-many-values")))
+    body = await _read_counted(request, limits)
     return _validated(schema, parse_json(body, _media_type(request), expected), expected)
-
-
-async def _json_payload(request: Request, expected: str):
-    return parse_json(await request.body(), _media_type(request), expected)
 
 
 def parse_json(body: bytes, ctype: str, expected: str):
@@ -253,25 +259,17 @@ def parse_json(body: bytes, ctype: str, expected: str):
                            slug="malformed-json") from e
 
 
-def _check_json_counts(body: bytes, max_arrays: int | None, max_values: int | None, expected: str) -> None:
-    # A valid body holds no strings but its keys, so every '[' opens an array and every ',' separates two
-    # members. The search stops at the first one too many: a few hundred bytes into a hostile body.
-    if max_arrays is not None and _more_than(body, b"[", max_arrays):
-        raise ProblemError(413, "Too many values", f"the body holds more than {max_arrays} arrays; expected "
-                           f"{expected}", slug="too-many-values")
-    if max_values is not None and _more_than(body, b",", max_values + (max_arrays or 0)):
-        raise ProblemError(413, "Too many values", f"the body holds more than {max_values} values; expected "
-                           f"{expected}", slug="too-many-values")
-
-
-def _more_than(body: bytes, char: bytes, limit: int) -> bool:
-    """Whether `body` holds `char` more than `limit` times (searching no further than the one too many)."""
-    pos = -1
-    for _ in range(limit + 1):
-        pos = body.find(char, pos + 1)
-        if pos < 0:
-            return False
-    return True
+async def _read_counted(request: Request, limits: list[tuple[bytes, int, Callable[[], ProblemError]]]) -> bytes:
+    """The body; the problem of the first (character, most, problem) in `limits` whose character it holds more
+    than `most` times, raised at the chunk that passes the limit (each chunk is scanned once, on arrival)."""
+    chunks, seen = [], [0] * len(limits)
+    async for chunk in request.stream():
+        for i, (char, most, problem) in enumerate(limits):
+            seen[i] += chunk.count(char)
+            if seen[i] > most:
+                raise problem()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _validated(schema: type[Q], payload, expected: str) -> Q:

@@ -15,7 +15,7 @@ from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})  # probes
 
 
 async def send_problem(send, status: int, title: str, detail: str, slug: str,

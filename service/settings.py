@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, every endpoint but /health and /ready needs it "
                                       "(header X-API-Key or Authorization: Bearer)")
     cors_origins: list[str] = Field(default_factory=list, description='allowed CORS origins, e.g. ["*"]')
+    opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans, metrics and logs, to the "
+                                "providers the process configures (e.g. opentelemetry-instrument); off, a request "
+                                "does not look for them (the service's own metrics are at /metrics)")
 
     # ONNX Runtime
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads per session")

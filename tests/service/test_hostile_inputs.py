@@ -149,6 +149,31 @@ def test_json_images_have_a_pixel_cap(http):
     assert r.json()["results"][0]["original_shape"] == [side, side] and r.json()["results"][0]["resized"]
 
 
+def test_too_many_json_values_refused_as_the_body_arrives(live):
+    """A JSON body with too many values is answered 413 once the chunk past the limit has arrived, before the
+    client has sent the rest; the rest is then discarded and the connection serves the next request."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(live.url)
+    head_of_body = b'{"images": [[' + b"0," * 300_000  # past max_json_pixels (262,144 values)
+    total = 6 * len(head_of_body)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as s:
+        s.sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % total + head_of_body)
+        s.settimeout(10)  # the answer comes without the other five sixths of the body
+        reply = s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+        assert b"too-many-pixels" in reply
+        s.sendall(b" " * (total - len(head_of_body)))
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while b"HTTP/1.1 200" not in reply:
+            chunk = s.recv(65536)
+            assert chunk, "the server closed the connection instead of answering the next request"
+            reply += chunk
+
+
 def test_many_bilevel_pngs_refused_from_their_declared_sizes(http):
     buf = io.BytesIO()
     Image.new("1", (2048, 2048)).save(buf, format="PNG")

@@ -156,6 +156,18 @@ def test_explicit_unload_and_load_and_a_removed_folder(server, versions, model_r
     assert r.status_code == 200 and r.json()["state"] == "READY", r.text
     r = httpx.post(f"{url}/encode", params={"model": NAME}, headers=KEY, json={"images": [[0.5] * 64]}, timeout=10)
     assert r.status_code == 200
+    # The same through the Open Inference Protocol's repository extension (a graph's name acts on its folder).
+    r = httpx.post(f"{url}/v2/repository/models/{NAME}.encoder/unload", headers=KEY, timeout=10)
+    assert r.status_code == 200 and r.json() == {}, r.text
+    assert httpx.get(f"{url}/v2/models/{NAME}.encoder/ready", headers=KEY, timeout=10).status_code == 404
+    index = httpx.post(f"{url}/v2/repository/index", headers=KEY, timeout=10).json()
+    assert {"name": NAME, "version": "", "state": "UNAVAILABLE", "reason": "unloaded on request"} in index
+    r = httpx.post(f"{url}/v2/repository/models/{NAME}/load", headers=KEY, timeout=30)
+    assert r.status_code == 200 and r.json() == {}, r.text
+    assert httpx.get(f"{url}/v2/models/{NAME}.encoder/ready", headers=KEY, timeout=10).json()["ready"] is True
+    r = httpx.post(f"{url}/v2/repository/models/{NAME}/load", headers=KEY, json={"parameters": {"config": "{}"}},
+                   timeout=10)
+    assert r.status_code == 400 and "not supported" in r.json()["error"]
     r = httpx.post(f"{url}/models/no-such-model/load", headers=KEY, timeout=10)
     assert r.status_code == 404 and "no folder 'no-such-model'" in r.json()["detail"]
     # A folder that fails: 409 with the reason.
@@ -169,6 +181,8 @@ def test_explicit_unload_and_load_and_a_removed_folder(server, versions, model_r
     _wait(lambda: _latent_dim(url, "vae-digits") is None, "vae-digits to be unloaded")
     r = httpx.get(f"{url}/ready", timeout=10)
     assert r.status_code == 503 and "vae-digits" in r.json()["detail"]
+    r = httpx.get(f"{url}/v2/health/ready", timeout=10)
+    assert r.status_code == 503 and r.json()["error"] == "required models not loaded yet: vae-digits"
     assert "model vae-digits unloaded: its folder was removed" in server.log()
     copy_model_dir(model_repo / "vae-digits", repo / "vae-digits")
     _wait(lambda: httpx.get(f"{url}/ready", timeout=10).status_code == 200, "/ready again")
@@ -178,6 +192,8 @@ def test_model_control_is_off_without_an_api_key(live):
     for action in ("load", "unload"):
         r = httpx.post(f"{live.url}/models/ppca-digits/{action}", timeout=10)
         assert r.status_code == 403 and "LATENTSERVE_API_KEY" in r.json()["detail"], r.text
+        r = httpx.post(f"{live.url}/v2/repository/models/ppca-digits/{action}", timeout=10)
+        assert r.status_code == 403 and "LATENTSERVE_API_KEY" in r.json()["error"], r.text
     assert httpx.post(f"{live.url}/encode", json={"images": [[0.5] * 64]}, timeout=10).status_code == 200
     paths = httpx.get(f"{live.url}/openapi.json", timeout=10).json()["paths"]
     assert "/models/{name}" in paths and not any(p.endswith(("/load", "/unload")) for p in paths)

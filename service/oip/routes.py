@@ -1,0 +1,179 @@
+"""The /v2 routes: health, server and model metadata, model readiness, inference, the repository index (and its
+load and unload: service/oip/repository.py).
+
+Plain Starlette routes (the handler takes the request and returns a Response): no dependency solving per
+request, and no entry in the service's OpenAPI schema, whose errors are problem+json; /v2 follows the
+Open Inference Protocol's own specification instead. Errors raised here are ProblemErrors like everywhere
+else; service/oip/errors.py gives them the protocol's form on the way out.
+
+The infer routes are plain ASGI apps (`InferEndpoint`) placed first among the app's routes: matching the
+dozen routes before them, and Starlette's request/response wrapper with its exception layer, were a large
+share of an OIP request's time on the event loop (py-spy); a native request pays two failed path matches
+for it.
+
+Inference runs through the same admission budget and micro-batcher as the native endpoints
+(service/inference.py): an OIP request and a native one to the same graph merge into one ONNX Runtime call.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from service import inference as infer
+from service import postprocess as post
+from service.errors import ProblemError
+from service.inputs import INLINE_JSON_BYTES, offload
+from service.oip import models, repository, tensors
+from service.oip.errors import error_response
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger("service.oip")
+SERVER_NAME = "latentserve"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+
+def _json(content: dict | list, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
+
+
+async def server_metadata(request: Request) -> Response:
+    return _json({"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS})
+
+
+async def live(request: Request) -> Response:
+    return _json({"live": True})
+
+
+async def ready(request: Request) -> Response:
+    if request.app.state.draining:  # set by service/server.py on SIGTERM
+        raise ProblemError(503, "Not ready", "the server is shutting down", slug="not-ready",
+                           headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+    if (err := models.not_ready(request)) is not None:
+        raise err
+    if missing := request.app.state.runtime.registry.missing_required():  # as GET /ready
+        raise ProblemError(503, "Not ready", f"required models not loaded yet: {', '.join(missing)}",
+                           slug="not-ready", headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+    return _json({"ready": True})
+
+
+async def model_metadata(request: Request) -> Response:
+    p = request.path_params
+    return _json(models.resolve(request, p["name"], p.get("version")).metadata())
+
+
+async def model_ready(request: Request) -> Response:
+    p = request.path_params
+    graph = models.resolve(request, p["name"], p.get("version"))
+    return _json({"name": graph.name, "ready": True})
+
+
+async def repository_index(request: Request) -> Response:
+    if (err := models.not_ready(request)) is not None:
+        raise err
+    body = await request.body()
+    ready_only = False
+    if body.strip():
+        payload = tensors.parse_json(body, 64)
+        ready_only = payload.get("ready") is True
+    return _json(models.index(request.app.state.runtime, ready_only))
+
+
+async def model_infer(request: Request) -> Response:
+    """POST /v2/models/{name}[/versions/{version}]/infer: JSON tensors and the binary tensor data extension."""
+    p = request.path_params
+    graph = models.resolve(request, p["name"], p.get("version"))
+    settings: Settings = request.app.state.settings
+    body = await request.body()
+    headers = request.headers
+    spec = models.spec_of(graph.runner)
+
+    def parse() -> tensors.InferRequest:
+        raw = body
+        if (encoding := headers.get("content-encoding")) not in (None, "identity"):
+            raw = tensors.decompress(body, encoding.strip().lower(), settings.max_body_bytes)
+        header, binary = tensors.split_body(raw, headers.get("inference-header-content-length"))
+        return tensors.read_request(tensors.parse_json(header, settings.max_json_pixels), binary, spec, graph.name,
+                              settings.max_images, settings.max_latent_abs)
+
+    if not body.strip():
+        raise tensors.bad("the body is empty; expected an inference request: a JSON object with 'inputs'")
+    # Parsing holds the GIL, even in a thread; past the inline budget a thread keeps the loop answering between
+    # its steps (as for JSON images, service/inputs.py).
+    req = parse() if len(body) <= INLINE_JSON_BYTES else await offload(parse)
+    request.state.batch_size = req.rows
+    wanted = [name for name, _ in req.outputs]
+
+    def pick(out: dict) -> dict:  # in the inference thread: only the requested outputs, each finite
+        post.check_finite(out, wanted)
+        return {name: out[name] for name in wanted}
+
+    try:
+        if graph.role == "bound":
+            outputs = await _bound(request, graph, req, pick, settings)
+        else:
+            outputs = await infer.run(request, graph.model, graph.role, req.inputs, pick)
+    except post.NonFiniteOutputError as e:
+        raise tensors.bad(f"the model's output {e.output!r} is not finite (NaN or infinite) for row {e.row} of the "
+                    "batch; check that input (pixels in [0, 1] with light ink on black, latent values near the "
+                    "prior N(0, I))") from e
+    runtime: Runtime = request.app.state.runtime
+    size = sum(a.size for a in outputs.values())
+    body_out, json_length = await runtime.offload.run(size, tensors.response_body, graph.name, graph.version, req.id,
+                                                      outputs, req.outputs)
+    if json_length is None:
+        return Response(body_out, media_type="application/json")
+    return Response(body_out, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(json_length)})
+
+
+async def _bound(request: Request, graph: models.Graph, req: tensors.InferRequest, pick, settings: Settings) -> dict:
+    """The bound graph: its cost is its decoder rows (N x S), and one call is at most bound_chunk_rows of them,
+    the most a native /log-likelihood call computes at once (service/bound.py)."""
+    n, s = req.inputs["eps"].shape[:2]
+    cost = n * s
+    if cost > settings.bound_chunk_rows:
+        raise ProblemError(413, "Too much work", f"{n} rows x {s} samples = {cost} evaluations in one call; the limit "
+                           f"is {settings.bound_chunk_rows} (bound_chunk_rows): split the samples over several "
+                           "requests", slug="too-much-work")
+    runner = graph.runner
+    return await infer.admit(request, graph.model, cost, lambda: runner.run(req.inputs, cost=cost, post=pick))
+
+
+class InferEndpoint:
+    """model_infer as an ASGI app; its errors answered here, in the protocol's form."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            response = await model_infer(Request(scope, receive))
+        except ProblemError as e:
+            response = error_response(e)
+        except ClientDisconnect:  # nobody reads the answer (as service/errors.py answers it)
+            response = Response(status_code=499)
+        except Exception:  # noqa: BLE001 - a bug: logged with its trace, answered 500 in the protocol's form
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            response = error_response(ProblemError(500, "Internal Server Error", "an unexpected error occurred; it "
+                                                   "has been logged", slug="internal-error"))
+        await response(scope, receive, send)
+
+
+def _model_routes(suffix: str, endpoint, methods: list[str]) -> list[Route]:
+    return [Route(f"/v2/models/{{name}}{suffix}", endpoint, methods=methods),
+            Route(f"/v2/models/{{name}}/versions/{{version}}{suffix}", endpoint, methods=methods)]
+
+
+infer_routes = _model_routes("/infer", InferEndpoint(), ["POST"])
+routes = [
+    Route("/v2", server_metadata, methods=["GET"]),
+    Route("/v2/health/live", live, methods=["GET"]),
+    Route("/v2/health/ready", ready, methods=["GET"]),
+    Route("/v2/repository/index", repository_index, methods=["POST"]),
+    *repository.routes,  # load and unload (service/registry.py)
+    *_model_routes("", model_metadata, ["GET"]),
+    *_model_routes("/ready", model_ready, ["GET"]),
+]
