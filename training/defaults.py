@@ -16,6 +16,7 @@ otherwise. A fit that fails shows its own last lines and exit status; the others
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -129,6 +130,8 @@ def build_defaults(models_dir: str | Path, *, runs_dir: str | Path = "runs", for
             futures = {fits.submit(_fit, name, runs_dir, progress, jobs, board): name for name in todo}
             for future in as_completed(futures):
                 name = futures[future]
+                if jobs > 1:
+                    _share_cores([f for f in futures if not f.done()])
                 try:
                     seconds = future.result()
                 except Exception as e:  # noqa: BLE001 - this model's failure; the others go on
@@ -168,7 +171,8 @@ def _fit(name: str, runs_dir: Path, progress: bool, jobs: int, board: Board | No
     try:
         with open(log_path, "wb") as log_file:
             cmd = [sys.executable, "-m", "training", *argv, "--quiet", "--progress-fd", str(write_fd)]
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, pass_fds=(write_fd,))
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                    pass_fds=(write_fd,), text=True)
     finally:
         os.close(write_fd)
     _running.add(proc)
@@ -182,12 +186,28 @@ def _fit(name: str, runs_dir: Path, progress: bool, jobs: int, board: Board | No
                 board.event(name, event)
     code = proc.wait()
     _running.discard(proc)
+    with contextlib.suppress(OSError):
+        proc.stdin.close()  # type: ignore[union-attr]
     if code != 0:
         lines = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         raise FitError(name, f"{status}; its last lines (all of them in {log_path}):",
                        "\n".join("    " + ln for ln in lines))
     return time.perf_counter() - start
+
+
+def _share_cores(unfinished: list) -> None:
+    """When one fit is left, nothing queued behind it, let it use every core: the others sit idle otherwise.
+
+    The flow-VAE is that last fit (the longest, it bounds how soon all three are served); its remaining epochs
+    and its evaluation then run on the cores the finished fits leave."""
+    if len(unfinished) != 1 or not unfinished[0].running():
+        return
+    threads = os.cpu_count() or 1
+    for proc in list(_running):
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.write(f"threads {threads}\n")
+            proc.stdin.flush()
 
 
 def stop_fits() -> None:

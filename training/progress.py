@@ -28,13 +28,35 @@ PLAIN_EVERY_S = 15.0  # without a terminal: one line per model this often
 
 
 class Reporter:
-    """A fit's side: steps and phases as JSON lines on a file descriptor; does nothing without one."""
+    """A fit's side: steps and phases as JSON lines on a file descriptor; does nothing without one.
 
-    def __init__(self, fd: int | None = None):
+    `control` is a file the parent may write `threads N` lines to (the fit's stdin, under build-defaults): the
+    fit then runs on N torch threads from its next step or phase on (the other fits are done: the cores are free).
+    """
+
+    def __init__(self, fd: int | None = None, control: IO[str] | None = None):
         self._file: IO[str] | None = os.fdopen(fd, "w", buffering=1) if fd is not None else None
         self._last_sent = 0.0
         self._pending: dict | None = None
         self._gains: list[tuple[int, float]] = []
+        self._threads: int | None = None  # asked for by the parent; applied by the fit's own thread
+        self._applied: int | None = None
+        if control is not None:
+            threading.Thread(target=self._listen, args=(control,), name="fit-control", daemon=True).start()
+
+    def _listen(self, control: IO[str]) -> None:
+        for line in control:
+            word, _, value = line.partition(" ")
+            if word == "threads" and value.strip().isdigit() and int(value) > 0:
+                self._threads = int(value)
+
+    def _apply_threads(self) -> None:
+        # In the fit's own thread: the number of threads of torch's intra-op pool is set per calling thread.
+        if self._threads is not None and self._threads != self._applied:
+            import torch
+
+            torch.set_num_threads(self._threads)
+            self._applied = self._threads
 
     def step(self, n: int, total: int | None, unit: str, *, gain: tuple[float, float] | None = None,
              **figures: float) -> None:
@@ -43,6 +65,7 @@ class Reporter:
         `gain` = (last step's gain, tolerance) for a fit that stops when its gain falls below the tolerance:
         the stopping step is estimated from the gains' geometric decay (EM converges linearly).
         """
+        self._apply_threads()
         if self._file is None:
             return
         event: dict[str, Any] = {"event": "step", "n": n, "total": total, "unit": unit,
@@ -57,6 +80,7 @@ class Reporter:
 
     def phase(self, name: str) -> None:
         """The fit moved on to `name` (e.g. evaluating its test figures)."""
+        self._apply_threads()
         if self._file is None:
             return
         if self._pending is not None:
@@ -86,7 +110,10 @@ def reporter(args) -> Reporter:
     """The Reporter of a fit's arguments (a silent one for arguments built without `--progress-fd`)."""
     rep = getattr(args, "progress_reporter", None)
     if rep is None:
-        rep = Reporter(getattr(args, "progress_fd", None))
+        fd = getattr(args, "progress_fd", None)
+        # Under build-defaults (a progress fd) the fit's stdin is a pipe from it: its thread count comes that way.
+        control = sys.stdin if fd is not None and sys.stdin is not None and not sys.stdin.isatty() else None
+        rep = Reporter(fd, control)
         args.progress_reporter = rep
     return rep
 

@@ -112,3 +112,21 @@ def test_build_defaults_in_a_terminal_shows_a_bar_per_model_and_a_failed_fit(tmp
     assert "/nonexistent/data.npz: no such file or directory" in text  # the fit's own error
     assert "[build-defaults] ppca-em: fitted in" in text
     assert load_model_card(tmp_path / "models" / "ppca-em").latent_dim == 3
+
+
+def test_the_parent_can_give_a_fit_more_threads():
+    torch = __import__("torch")
+    before = torch.get_num_threads()
+    r, w = os.pipe()
+    try:
+        with os.fdopen(r) as control, os.fdopen(w, "w", buffering=1) as parent:
+            rep = Reporter(None, control)
+            want = 1 if before != 1 else 2
+            parent.write(f"threads {want}\n")
+            deadline = time.monotonic() + 10
+            while rep._threads != want and time.monotonic() < deadline:
+                time.sleep(0.01)
+            rep.step(1, 10, "epoch")  # applied by the fit's own thread, at its next step
+            assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
