@@ -95,7 +95,8 @@ ENV MPLCONFIGDIR=/tmp/matplotlib \
     LATENTSERVE_MODELS_DIR=/models
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "training"]
-CMD ["build-defaults", "--models-dir", "/models", "--runs-dir", "/tmp/runs", "--quiet"]
+# Without a terminal it prints a progress line per model every 15 s (docker compose logs -f trainer).
+CMD ["build-defaults", "--models-dir", "/models", "--runs-dir", "/tmp/runs"]
 
 # ---------------------------------------------------------------------------------------------------
 FROM base AS runtime

@@ -21,12 +21,12 @@ from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
 from service.openapi import openapi
-from service.routes import inference, models, operations
+from service.routes import control, inference, models, operations
 from service.runtime import Runtime
 from service.settings import Settings
 
 
-def routes() -> list[BaseRoute]:
+def routes(settings: Settings) -> list[BaseRoute]:
     """Every route of the service: the one place where a module of routes joins the app.
 
     The routes themselves, not app.include_router(router): an included router is matched through another
@@ -34,7 +34,7 @@ def routes() -> list[BaseRoute]:
     carry most requests, and Starlette tries the routes in order (/v2 inference first: service/oip/routes.py).
     """
     return [*oip.infer_routes, *inference.endpoints.routes, *preprocess.endpoints.routes, *operations.router.routes,
-            *models.router.routes, *oip.routes]
+            *models.router.routes, *control.router(settings).routes, *oip.routes]
 
 
 async def _start(runtime: Runtime) -> None:
@@ -77,12 +77,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Off, FastAPI skips its per-request lookup of the global OpenTelemetry providers (loop CPU on every request)
         telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
         docs_url=None, redoc_url=None,  # served by service/web.py from local assets
-        routes=routes(),
+        routes=routes(settings),
     )
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.runtime = Runtime(settings, metrics)
+    # The schema names the loaded models: built again after the registry loads, swaps or unloads one.
+    app.state.runtime.registry.listeners.append(lambda: setattr(app, "openapi_schema", None))
     app.state.loading_task = None
     app.state.draining = False
     install_error_handlers(app)

@@ -104,6 +104,8 @@ class GraphRunner:
         self._carry: deque[_Item] = deque()
         self._workers: list[asyncio.Task] = []
         self._inflight = 0
+        self._busy = 0  # workers holding a batch (see retire)
+        self._retired = False
         self._last_batch = 1  # requests merged into the previous batch (see _collect)
         self._labels = {"model": model, "graph": role}
         self._m_rows = metrics.batch_rows.labels(**self._labels)
@@ -191,7 +193,7 @@ class GraphRunner:
         loop = asyncio.get_running_loop()
         key = tuple((k, v.shape[1:]) for k, v in inputs.items())
         item = _Item(inputs, n, cost or n, key, loop.create_future(), post)
-        if self._queue is None:  # batching off: one call per request, still bounded
+        if self._queue is None or self._retired:  # batching off (or retired): one call per request, still bounded
             if self._inflight >= self.settings.max_queue_size:
                 self.metrics.rejected.labels(**self._labels).inc()
                 raise QueueFullError(self.model, self.role, self._inflight)
@@ -215,6 +217,19 @@ class GraphRunner:
         self._queue = asyncio.Queue()
         self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{self.model}-{self.role}-{i}")
                          for i in range(workers)]
+
+    async def retire(self) -> None:
+        """Stop batching once what is queued has run: a newer version of the model serves in its place.
+
+        A request that looked its model up before the swap may still call `run` afterwards (it was reading
+        its body): it runs alone on this session, which lives as long as such a request holds the runner.
+        Nothing is queued from now on, so the workers are cancelled only once every one of them is idle,
+        waiting for a first item: no request's item is dropped.
+        """
+        self._retired = True
+        while self._queue is not None and (self._queue.qsize() or self._carry or self._busy):
+            await asyncio.sleep(0.005)
+        await self.stop()
 
     async def stop(self) -> None:
         for t in self._workers:
@@ -247,6 +262,7 @@ class GraphRunner:
 
     async def _collect(self) -> list[_Item]:
         first = await self._next(None)
+        self._busy += 1  # until its results are handed out (_worker)
         batch, cost = [first], first.cost
         deadline = time.perf_counter() + self.settings.max_queue_delay_ms / 1000.0
         # Wait for more requests only under load (the previous batch merged several): a lone client
@@ -282,6 +298,7 @@ class GraphRunner:
             self._m_depth.dec(len(batch))
             batch = [it for it in batch if not it.future.done()]  # the caller went away meanwhile
             if not batch:
+                self._busy -= 1
                 continue
             for it in batch:
                 self._m_queue.observe(now - it.enqueued)
@@ -313,3 +330,4 @@ class GraphRunner:
                     it.future.set_result(value)
                 else:
                     it.future.set_exception(value)
+            self._busy -= 1

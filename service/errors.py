@@ -22,7 +22,8 @@ from service import images
 from service.admission import BusyError
 from service.batcher import QueueFullError
 from service.postprocess import NonFiniteOutputError
-from service.runtime import NotReadyError, UnknownModelError
+from service.registry import ModelLoadError, ModelNotFoundError
+from service.runtime import ModelControlOffError, NotReadyError, UnknownModelError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "/problems/"
@@ -61,6 +62,9 @@ DOMAIN_PROBLEMS: dict[type[Exception], tuple[int, str, str]] = {
     BusyError: (429, "Too many requests", "queue-full"),
     NotReadyError: (503, "Not ready", "not-ready"),
     UnknownModelError: (404, "Unknown model", "unknown-model"),
+    ModelNotFoundError: (404, "Unknown model", "unknown-model"),
+    ModelLoadError: (409, "Model load failed", "model-load-failed"),
+    ModelControlOffError: (403, "Model control is off", "control-off"),
 }
 DOMAIN_ERRORS = tuple(DOMAIN_PROBLEMS)  # for `except` clauses of code that answers in another form (/v2)
 # Answers that tell the client when to come back: Retry-After, from the settings.
@@ -159,7 +163,8 @@ def install_error_handlers(app: FastAPI) -> None:
         p = problem_for(exc, request.app.state.settings.retry_after_s)
         return problem_response(p.status, p.title, p.detail, p.slug, headers=p.headers)
 
-    for cls in (images.ImageError, QueueFullError, BusyError, NotReadyError, UnknownModelError):
+    for cls in (images.ImageError, QueueFullError, BusyError, NotReadyError, UnknownModelError,
+                ModelNotFoundError, ModelLoadError, ModelControlOffError):
         app.add_exception_handler(cls, _domain)
 
     @app.exception_handler(RequestValidationError)

@@ -21,37 +21,58 @@ def discover_models(models_dir: str | Path) -> tuple[dict[str, ModelCard], dict[
     one folder marks that folder broken and never stops the others. The reasons name the files with
     their full paths (for the log); `public_reason` takes those out before a client sees them.
     """
+    valid: dict[str, ModelCard] = {}
+    broken: dict[str, str] = {}
+    for sub in model_folders(models_dir):
+        try:
+            card = read_model_folder(sub)
+        except ModelRepositoryError as e:
+            broken[sub.name] = str(e)
+            log.warning("skipping model folder %s: %s", sub, broken[sub.name])
+        else:
+            valid[card.name] = card
+    return valid, broken
+
+
+def model_folders(models_dir: str | Path) -> list[Path]:
+    """The model folders of `models_dir` (see `discover_models`), by name; raises when it cannot be read.
+
+    Hidden entries are never model folders: writers stage a folder under a hidden name and rename it into
+    place when it is complete (training/staging.py).
+    """
     models_dir = Path(models_dir)
     try:
         entries = sorted(models_dir.iterdir())
     except OSError as e:
         raise ModelRepositoryError(f"{models_dir}: the models directory cannot be read "
                                    f"({e.strerror or type(e).__name__})") from e
-    valid: dict[str, ModelCard] = {}
-    broken: dict[str, str] = {}
+    folders = []
     for sub in entries:
         if sub.name.startswith("."):
             continue
         try:
-            if not sub.is_dir():
+            if not sub.is_dir() or (not (sub / CARD).exists() and not any(sub.glob("*.onnx"))):
                 continue
-            if not (sub / CARD).exists() and not any(sub.glob("*.onnx")):
-                continue
-            card = load_model_card(sub)
-            if card.name != sub.name:
-                raise ModelRepositoryError(f"{sub / CARD}: name {card.name!r} differs from the folder name "
-                                           f"{sub.name!r}")
-        except ModelRepositoryError as e:
-            broken[sub.name] = str(e)
-        except OSError as e:
-            broken[sub.name] = f"{sub}: the folder cannot be read ({e.strerror or type(e).__name__})"
-        except Exception as e:  # noqa: BLE001 - one folder's fault, whatever it is, must not stop the others
-            broken[sub.name] = f"{sub}: {type(e).__name__}: {e}"
-        else:
-            valid[card.name] = card
-            continue
-        log.warning("skipping model folder %s: %s", sub, broken[sub.name])
-    return valid, broken
+        except OSError:
+            pass  # unreadable: a model folder as far as anyone can tell (read_model_folder says why)
+        folders.append(sub)
+    return folders
+
+
+def read_model_folder(sub: Path) -> ModelCard:
+    """The validated card of the model folder `sub`; ModelRepositoryError with the reason for any fault."""
+    try:
+        card = load_model_card(sub)
+        if card.name != sub.name:
+            raise ModelRepositoryError(f"{sub / CARD}: name {card.name!r} differs from the folder name "
+                                       f"{sub.name!r}")
+    except ModelRepositoryError:
+        raise
+    except OSError as e:
+        raise ModelRepositoryError(f"{sub}: the folder cannot be read ({e.strerror or type(e).__name__})") from e
+    except Exception as e:  # noqa: BLE001 - one folder's fault, whatever it is, must not stop the others
+        raise ModelRepositoryError(f"{sub}: {type(e).__name__}: {e}") from e
+    return card
 
 
 def public_reason(message: str, models_dir: str | Path) -> str:

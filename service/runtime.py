@@ -23,7 +23,7 @@ from service.batcher import GraphRunner, session_options
 from service.memory import Trimmer
 from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, Offload
-from service.repository import discover_models, public_reason
+from service.registry import ModelRegistry
 from service.settings import PREFERRED_DEFAULTS, Settings
 
 log = logging.getLogger("service.runtime")
@@ -38,6 +38,15 @@ class LoadedModel:
     def name(self) -> str:
         return self.card.name
 
+    def start(self, settings: Settings) -> None:
+        """Start its batchers (on the event loop)."""
+        if settings.batching:
+            for runner in self.runners.values():
+                runner.start(settings.inference_workers)
+
+    async def retire(self) -> None:
+        """Stop its batchers once their queues have run (a newer version, or none, serves in its place)."""
+        await asyncio.gather(*(runner.retire() for runner in self.runners.values()))
 
 
 class NotReadyError(Exception):
@@ -48,8 +57,12 @@ class UnknownModelError(Exception):
     """A request named a model that is not loaded; the message lists the loaded ones, or why that one is not."""
 
 
+class ModelControlOffError(Exception):
+    """Loading and unloading over HTTP needs an API key, and the service has none (service/routes/control.py)."""
+
+
 class Runtime:
-    """Every loaded model, the shared thread pool and the batchers; filled by :meth:`load`."""
+    """Every loaded model, the shared thread pool and the batchers; `registry` loads, swaps and unloads models."""
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
@@ -62,6 +75,7 @@ class Runtime:
         self.budget = WorkBudget(settings.max_inflight_work, settings.retry_after_s, metrics)
         self.offload = Offload(settings.postprocess_workers, INLINE_VALUES)
         self.trimmer = Trimmer(self.offload.executor, settings.trim_after_work)
+        self.registry = ModelRegistry(self)
 
     def model(self, name: str) -> LoadedModel:
         """The loaded model called `name`; UnknownModelError naming the alternatives otherwise."""
@@ -73,34 +87,13 @@ class Runtime:
         raise UnknownModelError(f"model {name!r} is not loaded; loaded models: "
                                 f"{', '.join(sorted(self.models)) or 'none'}")
 
-    # -- loading (blocking: called in a thread) ----------------------------------------------------
+    # -- loading (blocking: service/registry.py calls these in its loader thread) -------------------
 
-    def load(self) -> None:
-        """Load every model folder; any failure marks that folder broken and never stops the others.
-
-        `broken` and `load_error` are shown to clients: they hold no server path (the log does).
-        """
-        s = self.settings
-        try:
-            cards, broken = discover_models(s.models_dir)
-        except ModelRepositoryError as e:
-            self.load_error = public_reason(str(e), s.models_dir)
-            log.error("no models loaded: %s", e)
-            cards, broken = {}, {}
-        self.broken = {name: public_reason(reason, s.models_dir) for name, reason in broken.items()}
-        so = session_options(s)
-        for name, card in cards.items():
-            try:
-                model = self._load_model(card, so)
-            except Exception as e:  # noqa: BLE001 - any error class of ONNX Runtime, or ours: this folder alone
-                reason = str(e) if isinstance(e, ModelRepositoryError) else f"{type(e).__name__}: {e}"
-                self.broken[name] = public_reason(f"{card.path}: {reason}", s.models_dir)
-                log.warning("skipping model folder %s: %s", card.path, reason)
-            else:
-                self.models[name] = model  # only a model whose every graph loaded and checked out
-        self.default_model = self._choose_default()
-        self.metrics.known_models = frozenset(self.models) | frozenset(self.broken)
-        self.metrics.models_broken.set(len(self.broken))
+    def load_model(self, card: ModelCard) -> LoadedModel:
+        """Sessions for every graph of `card`, checked, probed and warmed up; its batchers are not started."""
+        model = self._load_model(card, session_options(self.settings))
+        self._warm_up(model)
+        return model
 
     def _load_model(self, card: ModelCard, so: ort.SessionOptions) -> LoadedModel:
         runners = {}
@@ -116,53 +109,43 @@ class Runtime:
                                         metrics=self.metrics, max_cost=max_cost)
         return LoadedModel(card, runners)
 
-    def _choose_default(self) -> str | None:
+    def choose_default(self) -> str | None:
+        """The configured default model when it is loaded, else the first of PREFERRED_DEFAULTS loaded, else any."""
         wanted = self.settings.default_model
-        if wanted:
-            if wanted in self.models:
-                return wanted
-            log.error("default model %r is not loaded (loaded: %s); choosing another", wanted, sorted(self.models))
+        if wanted in self.models:
+            return wanted
         for name in PREFERRED_DEFAULTS:
             if name in self.models:
                 return name
         return next(iter(sorted(self.models)), None)
 
-    def warm_up(self) -> None:
+    def _warm_up(self, model: LoadedModel) -> None:
         """Run every graph at batch 1 and at the largest merged batch, and probe its rows per call."""
         rng = np.random.default_rng(0)
-        for model in self.models.values():
-            c = model.card
-            for runner in model.runners.values():
-                for n in (32 * self.settings.batch_pad_multiple + 3, 1, self.settings.max_batch_size):
-                    feeds = {}
-                    for name in runner.input_names:
-                        if name == X:
-                            feeds[name] = rng.random((n, c.data_dim), dtype=np.float32)
-                        elif name == Z:
-                            feeds[name] = rng.standard_normal((n, c.latent_dim), dtype=np.float32)
-                        elif name == EPS:
-                            feeds[name] = rng.standard_normal((n, 3, c.latent_dim), dtype=np.float32)
-                    if n == 32 * self.settings.batch_pad_multiple + 3:
-                        runner.probe_rows_per_call(feeds)
-                    else:
-                        runner._call(feeds, runner.rows_per_call)
+        c = model.card
+        for runner in model.runners.values():
+            for n in (32 * self.settings.batch_pad_multiple + 3, 1, self.settings.max_batch_size):
+                feeds = {}
+                for name in runner.input_names:
+                    if name == X:
+                        feeds[name] = rng.random((n, c.data_dim), dtype=np.float32)
+                    elif name == Z:
+                        feeds[name] = rng.standard_normal((n, c.latent_dim), dtype=np.float32)
+                    elif name == EPS:
+                        feeds[name] = rng.standard_normal((n, 3, c.latent_dim), dtype=np.float32)
+                if n == 32 * self.settings.batch_pad_multiple + 3:
+                    runner.probe_rows_per_call(feeds)
+                else:
+                    runner._call(feeds, runner.rows_per_call)
 
     # -- async lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.load)
-        await loop.run_in_executor(self.executor, self.warm_up)
-        if self.settings.batching:
-            for model in self.models.values():
-                for runner in model.runners.values():
-                    runner.start(self.settings.inference_workers)
-        self.metrics.models_loaded.set(len(self.models))
-        self.ready = bool(self.models)
-        log.info("models ready: %s (default %s); broken: %s", sorted(self.models), self.default_model,
-                 sorted(self.broken))
+        """Load the repository (service/registry.py), then keep watching it when polling is on."""
+        await self.registry.start()
 
     async def stop(self) -> None:
+        await self.registry.stop()
         for model in self.models.values():
             for runner in model.runners.values():
                 await runner.stop()

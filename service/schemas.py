@@ -207,7 +207,8 @@ class ModelsResponse(BaseModel):
         "default_model": "ppca-mnist", "models": [], "unavailable": {"broken-model": "card.json: missing"}}]})
     default_model: str | None
     models: list[ModelInfo]
-    unavailable: dict[str, str] = Field(..., description="model folders skipped, with the reason")
+    unavailable: dict[str, str] = Field(..., description="model folders that failed to load, with the reason (a model "
+                                        "also in `models` goes on serving the version loaded before)")
 
 
 class Health(BaseModel):

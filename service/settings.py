@@ -5,11 +5,12 @@ Read when `create_app()` or `python -m service` runs, never at import time.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Tried in this order when no default model is configured; otherwise the first loaded (by name).
 PREFERRED_DEFAULTS = ("flow-vae-mnist", "vae-mnist", "ppca-mnist")
@@ -22,6 +23,14 @@ class Settings(BaseSettings):
     models_dir: Path = Field(Path("models"), description="the model repository (one folder per model)")
     default_model: str | None = Field(None, description=f"model used when a request names none "
                                       f"(default: the first of {', '.join(PREFERRED_DEFAULTS)} present)")
+    # Model lifecycle (issue 16): service/registry.py
+    repository_poll_seconds: float = Field(2.0, ge=0, le=86400, description="seconds between two looks at the "
+                                           "model repository: new folders are loaded, changed ones reloaded, "
+                                           "removed ones unloaded; 0: never (load once at start, then only on "
+                                           "POST /models/{name}/load)")
+    required_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="models that must be loaded for GET /ready to answer 200 (besides at "
+        "least one model), comma-separated or a JSON list, e.g. ppca-mnist,vae-mnist")
 
     # Server
     host: str = "127.0.0.1"
@@ -95,6 +104,13 @@ class Settings(BaseSettings):
                                  "closed at once (keep it below the process's open-file limit)")
     drain_s: float = Field(0.0, ge=0, le=300, description="after SIGTERM, seconds to go on serving while /ready "
                            "answers 503 (time for a load balancer to stop sending), before the graceful shutdown")
+
+    @field_validator("required_models", mode="before")
+    @classmethod
+    def _names(cls, v):
+        if isinstance(v, str):
+            v = json.loads(v) if v.lstrip().startswith("[") else [n.strip() for n in v.split(",") if n.strip()]
+        return v
 
     @field_validator("api_key")
     @classmethod

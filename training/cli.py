@@ -52,7 +52,9 @@ def _base_parser() -> argparse.ArgumentParser:
     bd.add_argument("--force", action="store_true", help="rebuild models that are already there and valid")
     bd.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="fits at a time, each in its own process (default: up to 2, the cores of a small host)")
-    bd.add_argument("--quiet", action="store_true")
+    bd.add_argument("--quiet", action="store_true", help="no progress display")
+    bd.add_argument("--progress-every", type=float, default=None, metavar="SECONDS",
+                    help="without a terminal: a progress line per model this often (default 15)")
     return parser
 
 
@@ -101,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build-defaults":
             from training.defaults import build_defaults
 
-            build_defaults(args.models_dir, runs_dir=args.runs_dir, force=args.force, progress=not args.quiet,
-                           jobs=args.jobs)
-            return 0
+            status = build_defaults(args.models_dir, runs_dir=args.runs_dir, force=args.force,
+                                    progress=not args.quiet, jobs=args.jobs,
+                                    every=args.progress_every)
+            failed = [name for name, s in status.items() if s == "failed"]
+            if failed:
+                print(f"error: {len(failed)} default model(s) failed: {', '.join(failed)} (see above)", file=sys.stderr)
+            return 1 if failed else 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

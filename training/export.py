@@ -4,7 +4,9 @@
 
 Every graph is checked with `onnx.checker` and run in ONNX Runtime against the torch module it came
 from, on random and real inputs at batch 1 and 64; an export whose outputs differ beyond the
-tolerances below fails and leaves no card behind (a folder without a valid card is never served).
+tolerances below fails and leaves the target folder as it was. The folder is written under a hidden
+name beside the target and renamed into place once its card validates (training/staging.py), so a
+service polling the repository never reads a half-written model.
 
 Exporter: `torch.onnx.export(..., dynamo=True)`, the torch.export-based exporter. The TorchScript
 exporter (`dynamo=False`) is deprecated; the dynamo exporter takes `dynamic_shapes` (the batch axis
@@ -14,6 +16,7 @@ weights as one self-contained `.onnx` file (the models here are a few MB, far be
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import warnings
@@ -29,6 +32,7 @@ from model_repository.graphs import EPS, GRAPHS, X, Z
 from training.common import METRICS, load_checkpoint, read_json
 from training.drivers import driver_for
 from training.shards import reopen_dataset
+from training.staging import staged
 from training.user_data import DataError
 from training.vae import export_modules
 
@@ -247,13 +251,26 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, name: str 
     checkpoint = Path(checkpoint)
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     ckpt = load_checkpoint(checkpoint)
-    kind, meta, config = ckpt["kind"], ckpt["meta"], ckpt["config"]
-    model = driver_for(kind).build_model(ckpt)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CARD).unlink(missing_ok=True)  # no stale card may vouch for half-written graphs
-    name = name or out.resolve().name
+    model = driver_for(ckpt["kind"]).build_model(ckpt)
+    target = Path(out_dir)
+    name = name or target.resolve().name
+    # Whatever else the folder holds (a run's checkpoint, metrics and plots, when `fit` exports into its own
+    # folder) stays; the model's own files are the new ones.
+    old_model_files = _model_files(target)
+    with staged(target, carry=lambda f: f not in old_model_files) as out:
+        return _export_into(ckpt, model, run_dir, out, name)
 
+
+def _model_files(folder: Path) -> set[str]:
+    """The files of a model folder that an export writes: the card, the graphs, and what the card lists."""
+    names = {CARD, *(p.name for p in folder.glob("*.onnx"))}
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        names |= set(read_json(folder / CARD).get("files", {}))
+    return names
+
+
+def _export_into(ckpt: dict, model, run_dir: Path, out: Path, name: str) -> dict:
+    kind, meta, config = ckpt["kind"], ckpt["meta"], ckpt["config"]
     D, d = int(config["data_dim"]), int(config["latent_dim"])
     real_x = _real_inputs(meta)
     graphs, files, parity = {}, {}, {}

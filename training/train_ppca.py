@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training import plots
+from training import plots, progress
 from training.common import (
     CHECKPOINT,
     METRICS,
@@ -153,6 +153,7 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
     if cfg.method == "sem":
         settings.update(cfg.sem_record())
     meta = run_meta(job.data, data, settings, history)
+    progress.current().phase("evaluating")
     if dist.is_main:
         save_checkpoint(out, kind="ppca", config=asdict(config), state_dict=model.cpu().state_dict(), meta=meta)
     metrics = {
@@ -181,6 +182,7 @@ def _fit_em(model: PPCA, x: torch.Tensor, cfg: PPCAFit, history: list[float], qu
         ll = mean_log_prob(model, x, cfg.chunk_size, reduce)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.6f}", gain=f"{ll - prev:.2e}", refresh=False)
+        progress.current().step(it, max_iter, "iteration", gain=(ll - prev, cfg.tol), **{"log-lik": ll})
         if ll - prev < cfg.tol:
             return it
         prev = ll
@@ -194,11 +196,12 @@ def _fit_sem(model: PPCA, x: torch.Tensor, cfg: PPCAFit, history: list[float], g
     sem = StochasticEM(model, x, cfg.sem(), generator, dist)
     reduce = dist.sum if dist.enabled else None
     bar = tqdm(range(1, epochs + 1), desc="SEM", unit="epoch", disable=quiet or not dist.is_main)
-    for _ in bar:
+    for epoch in bar:
         sem.advance(sem.n_total)
         ll = mean_log_prob(model, x, cfg.chunk_size, reduce)
         history.append(ll)
         bar.set_postfix(loglik=f"{ll:.4f}", kappa=f"{sem.last_kappa:.2e}", refresh=False)
+        progress.current().step(epoch, epochs, "epoch", **{"log-lik": ll})
     return epochs
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training import plots
+from training import plots, progress
 from training.common import (
     METRICS,
     bits_figures,
@@ -159,6 +159,7 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
     step, epoch = 0, 0
     start = time.perf_counter()
     bar = tqdm(range(1, args.epochs + 1), desc=kind, unit="epoch", disable=run.quiet or not dist.is_main)
+    report = progress.current()  # to build-defaults, when it started this fit
     for epoch in bar:
         model.train()
         elbo_sum, step = train_epoch(forward, opt, fetch, batches, epoch, latent_dim=cfg.latent_dim, gen=gen,
@@ -179,6 +180,7 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{-train_elbo:.2f}", valid_elbo=f"{valid_elbo:.2f}", best=f"{best['elbo']:.2f}",
                         s_per_epoch=f"{elapsed / epoch:.2f}", refresh=False)
+        report.step(epoch, args.epochs, "epoch", **{"train ELBO": train_elbo, "valid ELBO": valid_elbo})
         if args.patience and epoch - best["epoch"] >= args.patience:
             break
         if args.time_limit is not None and dist.decide(elapsed >= args.time_limit):  # rank 0's clock
@@ -205,6 +207,7 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
     if dist.is_main:
         save_checkpoint(out, kind=kind, config=config,
                         state_dict={k: v.cpu() for k, v in model.state_dict().items()}, meta=meta)
+    report.phase("evaluating")
     eval_start = time.perf_counter()
     figures = _figures(model, data, S=args.eval_samples, chunk=args.chunk, seed=run.seed, device=device, dist=dist)
     metrics = {

@@ -1,6 +1,7 @@
 """The Open Inference Protocol (KServe v2 / Triton REST) under /v2, beside the native API.
 
     routes.py    the endpoints (health, metadata, readiness, infer, repository index)
+    repository.py  the repository extension's load and unload (through service/registry.py)
     models.py    the registry as OIP models: every graph of every folder is `{folder}.{graph}`
     tensors.py   JSON tensors and the binary tensor data extension, in and out
     errors.py    errors on /v2 as `{"error": "..."}` (application/json)

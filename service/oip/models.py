@@ -96,10 +96,13 @@ def names(runtime: Runtime) -> list[str]:
 
 
 def index(runtime: Runtime, ready_only: bool) -> list[dict]:
-    """The repository index: every graph of every loaded folder READY, every broken folder UNAVAILABLE."""
+    """The repository index: every graph of every loaded folder READY; every broken folder, and every one unloaded
+    on request, UNAVAILABLE."""
     out = [{"name": f"{m.name}.{role}", "version": version_of(m), "state": "READY"}
            for m in sorted(runtime.models.values(), key=lambda m: m.name) for role in m.runners]
     if not ready_only:
         out += [{"name": folder, "version": "", "state": "UNAVAILABLE", "reason": reason}
                 for folder, reason in sorted(runtime.broken.items())]
+        out += [{"name": m["name"], "version": "", "state": "UNAVAILABLE", "reason": m["reason"]}
+                for m in runtime.registry.index() if m["state"] == "UNLOADED"]
     return out

@@ -1,4 +1,5 @@
-"""The /v2 routes: health, server and model metadata, model readiness, inference, the repository index.
+"""The /v2 routes: health, server and model metadata, model readiness, inference, the repository index (and its
+load and unload: service/oip/repository.py).
 
 Plain Starlette routes (the handler takes the request and returns a Response): no dependency solving per
 request, and no entry in the service's OpenAPI schema, whose errors are problem+json; /v2 follows the
@@ -27,7 +28,7 @@ from service import inference as infer
 from service import postprocess as post
 from service.errors import DOMAIN_ERRORS, ProblemError, problem_for
 from service.inputs import INLINE_JSON_BYTES, offload
-from service.oip import models, tensors
+from service.oip import models, repository, tensors
 from service.oip.errors import error_response
 from service.runtime import Runtime
 from service.settings import Settings
@@ -55,6 +56,9 @@ async def ready(request: Request) -> Response:
                            headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
     if (err := models.not_ready(request)) is not None:
         raise err
+    if missing := request.app.state.runtime.registry.missing_required():  # as GET /ready
+        raise ProblemError(503, "Not ready", f"required models not loaded yet: {', '.join(missing)}",
+                           slug="not-ready", headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
     return _json({"ready": True})
 
 
@@ -172,6 +176,7 @@ routes = [
     Route("/v2/health/live", live, methods=["GET"]),
     Route("/v2/health/ready", ready, methods=["GET"]),
     Route("/v2/repository/index", repository_index, methods=["POST"]),
+    *repository.routes,  # load and unload (service/registry.py)
     *_model_routes("", model_metadata, ["GET"]),
     *_model_routes("/ready", model_ready, ["GET"]),
 ]
