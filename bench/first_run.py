@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import publish
-from bench.service_load import ROOT, _free_port
+from bench.servers import free_port
+from bench.service_load import ROOT
 
 DEFAULTS = ("ppca-mnist", "flow-vae-mnist", "vae-mnist")
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)).save(buf, "PNG")
     files = [("images", ("digit.png", buf.getvalue(), "image/png"))]
 
-    port, log = _free_port(), scratch / "run.log"
+    port, log = free_port(), scratch / "run.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSERVE_") and k != "VIRTUAL_ENV"}
     load_start = _load()
     t0 = time.monotonic()

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import publish
-from bench.service_load import ROOT, _free_port, _load_wrk, _rss_mb
+from bench.servers import free_port
+from bench.service_load import ROOT, _load_wrk, _rss_mb
 
 
 def _prepare(args, scratch: Path) -> list[Path]:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     Image.fromarray((np.random.default_rng(0).random((H, W)) * 255).astype(np.uint8)).save(buf, "PNG")
     png = buf.getvalue()
 
-    port, log = _free_port(), scratch / "service.log"
+    port, log = free_port(), scratch / "service.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSERVE_")}
     env.update(LATENTSERVE_MODELS_DIR=str(repo), LATENTSERVE_LOG_LEVEL="warning", LATENTSERVE_DEFAULT_MODEL=args.model,
                LATENTSERVE_REPOSITORY_POLL_SECONDS=str(args.poll))
