@@ -9,7 +9,6 @@ the others; the reasons shown to clients hold no server path (service/repository
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,8 +24,6 @@ from service.metrics import Metrics
 from service.postprocess import INLINE_VALUES, Offload
 from service.registry import ModelRegistry
 from service.settings import PREFERRED_DEFAULTS, Settings
-
-log = logging.getLogger("service.runtime")
 
 
 @dataclass
