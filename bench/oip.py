@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.servers import free_port, wait_ready
+from bench.servers import cpu_seconds, free_port, rss_mb, wait_ready
 from bench.service_load import _median, wrk_post
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,28 +101,13 @@ def _tree(pid: int) -> list[int]:
 
 
 def _rss_mb(pid: int) -> float:
-    """Resident memory of the process and its descendants, in MB."""
-    total = 0.0
-    for p in _tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    return total
+    """Resident memory of the process and its descendants, in MB (a descendant gone meanwhile counts 0)."""
+    return sum(v for p in _tree(pid) if (v := rss_mb(p)) == v)
 
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of the process and its descendants so far (every thread)."""
-    total = 0.0
-    for p in _tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(v for p in _tree(pid) if (v := cpu_seconds(p)) == v)
 
 
 def _bodies(args) -> tuple[dict[str, tuple[str, bytes, dict[str, str]]], np.ndarray]:

@@ -1,10 +1,13 @@
-"""Starting servers for the benches: a free port on 127.0.0.1, and waiting until a server answers 200."""
+"""Servers for the benches: a free port on 127.0.0.1, waiting until a server answers 200, and a process's resident
+memory and CPU time from /proc (NaN once it is gone)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -31,3 +34,23 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180.0, what: s
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"{what} was not ready within {timeout:g} s ({url})")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory (VmRSS) of process `pid` in MB; NaN when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (every thread); NaN when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bodies import image_parts, multipart, multipart_type
-from bench.servers import free_port, wait_ready
+from bench.servers import cpu_seconds, free_port, wait_ready
 from bench.service_load import wrk_post
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +36,6 @@ def _start(cwd: Path, models_dir: Path, model: str) -> tuple[subprocess.Popen, i
                             stderr=subprocess.DEVNULL)
     wait_ready(proc, f"http://127.0.0.1:{port}/ready", what=f"the service in {cwd}")
     return proc, port
-
-
-def _cpu_seconds(pid: int):
-    def cpu() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    return cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             for side in ("this", "base") if i % 2 == 0 else ("base", "this"):
                 proc, port = servers[side]
                 r = wrk_post(f"http://127.0.0.1:{port}/encode", body, headers, args.clients, args.seconds, work,
-                             cpu_seconds=_cpu_seconds(proc.pid))
+                             cpu_seconds=lambda pid=proc.pid: cpu_seconds(pid))
                 cells[side].append(r)
                 print(f"pair {i + 1} {side:4s} {r['rps']:8.1f} req/s  p50 {r['p50']:6.2f} ms  p99 {r['p99']:7.2f} ms  "
                       f"server CPU {r['cpu_us']:5.0f} us/request  errors {r['errors']}", flush=True)

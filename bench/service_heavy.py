@@ -27,17 +27,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.servers import free_port, wait_ready
+from bench.servers import free_port, rss_mb, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def start(args, checkout: str) -> tuple[subprocess.Popen, str]:

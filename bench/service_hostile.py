@@ -37,7 +37,7 @@ from pathlib import Path
 
 from bench.bodies import image_parts, multipart_type
 from bench.bodies import multipart as multipart_body
-from bench.servers import free_port
+from bench.servers import cpu_seconds, free_port, rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -232,24 +232,6 @@ def ordinary_clients(port: int, headers: dict[str, str], encode_body: bytes, enc
 # --------------------------------------------------------------------------------------------------
 # The server and its memory
 # --------------------------------------------------------------------------------------------------
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
 
 
 class Server:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bodies import image_parts, multipart, multipart_type
-from bench.servers import free_port, wait_ready
+from bench.servers import free_port, rss_mb, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,13 +70,6 @@ def _start(kind: str, args, batching: bool = True) -> tuple[subprocess.Popen, in
     ready_path = "/ready" if kind in ("service", "base") else "/docs"
     wait_ready(proc, f"http://127.0.0.1:{port}{ready_path}", what=kind)
     return proc, port
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def _load(port: int, png: bytes, clients: int, n_requests: int, seconds: float) -> dict:
@@ -269,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"p50 {res['p50']:7.2f} ms  p99 {res['p99']:7.2f} ms  n={res['n']} errors={res['errors']}",
                           flush=True)
                 if kind in ("service", "base"):
-                    rss[label] = max(rss.get(label, 0.0), _rss_mb(proc.pid))
+                    rss[label] = max(rss.get(label, 0.0), rss_mb(proc.pid))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)

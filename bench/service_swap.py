@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import publish
-from bench.servers import free_port
-from bench.service_load import ROOT, _load_wrk, _rss_mb
+from bench.servers import free_port, rss_mb
+from bench.service_load import ROOT, _load_wrk
 
 
 def _prepare(args, scratch: Path) -> list[Path]:
@@ -76,7 +76,7 @@ def _swapper(args, sources: list[Path], scratch: Path, target: Path, port: int, 
                     raise RuntimeError(f"the new version failed to load: {got[1]}")
                 time.sleep(0.05)
             seconds.append(time.perf_counter() - t0)
-            rss.append(_rss_mb(pid))
+            rss.append(rss_mb(pid))
             time.sleep(max(0.0, args.every - (time.perf_counter() - t0)))
     except BaseException as e:  # noqa: BLE001 - reported by the caller
         errors.append(e)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         proc.kill()
         raise SystemExit(f"the service did not start:\n{log.read_text()[-2000:]}")
 
-    rss_start = _rss_mb(proc.pid)
+    rss_start = rss_mb(proc.pid)
     seconds = args.swaps * args.every + 8  # per wrk run: every swap falls inside it
     rows: dict[str, list[dict]] = {"no swaps": [], "swaps": []}
     rss_after_swap: list[list[float]] = []
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["swaps"].append(res)
             rss_after_swap.append(rss_round)
             time.sleep(2.0)
-            rss_after_round.append(_rss_mb(proc.pid))
+            rss_after_round.append(rss_mb(proc.pid))
             print(f"round {round_} swaps: {res}; RSS after each swap {[round(r) for r in rss_round]} MB", flush=True)
     finally:
         proc.terminate()
