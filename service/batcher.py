@@ -46,6 +46,14 @@ log = logging.getLogger("service.batcher")
 SHRINK_ABOVE_SAMPLES = 1024
 
 
+class Rows(dict):
+    """One request's outputs (name -> its rows of a merged call); `finite` names the outputs that hold no NaN or
+    infinity in the whole call, checked once per call rather than once per request (service/postprocess.py
+    `check_finite` skips those)."""
+
+    finite: frozenset[str] = frozenset()
+
+
 class QueueFullError(Exception):
     def __init__(self, model: str, graph: str, size: int):
         super().__init__(f"the queue of {model}/{graph} is full ({size} requests waiting)")
@@ -149,9 +157,11 @@ class GraphRunner:
             merged = self.run_sync(items[0].inputs)
         else:
             merged = self.run_sync({k: np.concatenate([it.inputs[k] for it in items]) for k in items[0].inputs})
+        finite = frozenset(name for name, o in zip(self.output_names, merged, strict=True) if np.isfinite(o).all())
         results, start = [], 0
         for it in items:
-            out = dict(zip(self.output_names, (o[start:start + it.n] for o in merged), strict=True))
+            out = Rows(zip(self.output_names, (o[start:start + it.n] for o in merged), strict=True))
+            out.finite = finite
             start += it.n
             try:
                 results.append((True, it.post(out) if it.post is not None else out))

@@ -305,6 +305,15 @@ def test_non_finite_output_is_a_problem_not_null(model_repo, need, tmp_path):
             assert body["type"] == "/problems/non-finite-result" and body["output"] == "x_mean"
             assert body["detail"].startswith("z[1]:") and "|z|" in body["detail"]
             assert "null" not in r.text
+        # Merged into one ONNX Runtime call with good requests, a bad one still fails alone (the batcher checks
+        # finiteness once per merged call, then row by row only where it found a NaN).
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                bodies = [{"z": [[1.0 - 2 * (i % 4 == 3)] * d]} for i in range(32)]
+                rs = await asyncio.gather(*(client.post("/decode?format=json", json=b) for b in bodies))
+            return [r.status_code for r in rs]
+
+        assert asyncio.run(burst()) == [422 if i % 4 == 3 else 200 for i in range(32)]
         r = httpx.get(server.url + "/sample?n=16&seed=0&format=json", timeout=30)  # some draw has sum(z) < 0
         assert r.status_code == 422 and "temperature" in r.json()["detail"] and "null" not in r.text
         assert "Traceback" not in server.log()
