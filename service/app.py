@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute
 
 from service import oip, preprocess, web
 from service.errors import install_error_handlers
+from service.lane import InferenceLane
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
@@ -63,11 +64,20 @@ async def lifespan(app: FastAPI):
         await runtime.stop()
 
 
+class ServiceApp(FastAPI):
+    """FastAPI with the inference lane in front of its stack (service/lane.py), unless OpenTelemetry is on (its
+    layer is one the lane skips)."""
+
+    def build_middleware_stack(self):
+        full = super().build_middleware_stack()
+        return full if self.state.settings.opentelemetry else InferenceLane(self, full)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Settings default to the environment (LATENTSERVE_*), read now, not at import."""
     settings = settings or Settings()
     configure_logging(settings.log_level)
-    app = FastAPI(
+    app = ServiceApp(
         title="latentserve",
         version="0.1.0",
         description="Encode, decode, sample and log-likelihood bounds of latent-variable image models "
