@@ -31,8 +31,9 @@ def routes(settings: Settings) -> list[BaseRoute]:
     """Every route of the service: the one place where a module of routes joins the app.
 
     The routes themselves, not app.include_router(router): an included router is matched through another
-    layer of route contexts on every request (docs/benchmarks.md). The inference routes come first: they
-    carry most requests, and Starlette tries the routes in order (/v2 inference first: service/oip/routes.py).
+    layer of route contexts on every request (docs/benchmarks.md). The inference routes' requests skip the
+    router (service/lane.py) unless OpenTelemetry is on; they come first for that case, as Starlette tries the
+    routes in order.
     """
     return [*oip.infer_routes, *inference.endpoints.routes, *preprocess.endpoints.routes, *operations.router.routes,
             *models.router.routes, *control.router(settings).routes, *oip.routes]

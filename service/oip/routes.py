@@ -6,10 +6,9 @@ request, and no entry in the service's OpenAPI schema, whose errors are problem+
 Open Inference Protocol's own specification instead. Errors raised here are ProblemErrors like everywhere
 else; service/oip/errors.py gives them the protocol's form on the way out.
 
-The infer routes are plain ASGI apps (`InferEndpoint`) placed first among the app's routes: matching the
-dozen routes before them, and Starlette's request/response wrapper with its exception layer, were a large
-share of an OIP request's time on the event loop (py-spy); a native request pays two failed path matches
-for it.
+The infer routes are plain ASGI apps (`InferEndpoint`) that answer their own errors: the inference lane
+(service/lane.py) calls them straight from the service's middlewares, without Starlette's request/response
+wrapper, its exception layer or the walk through the other routes.
 
 Inference runs through the same admission budget and micro-batcher as the native endpoints
 (service/inference.py): an OIP request and a native one to the same graph merge into one ONNX Runtime call.
