@@ -1,7 +1,7 @@
 """Per-step schedules of a VAE fit: the learning rate (`--lr-warmup-epochs`, `--lr-schedule`) and the KL
 weight beta (`--warmup-epochs`, `--kl-schedule`). Steps are Adam steps, counted from 0 over the whole fit.
 
-    lr(s)   = lr (s + 1) / L                                   for s < L (linear warm-up, L warm-up steps)
+    lr(s)   = lr min(1, (s + 1) / L)                           for s < L (linear warm-up, L warm-up steps)
             = lr (1 + cos(pi (s - L) / (T - L))) / 2           cosine: from lr at s = L to 0 at s = T
             = lr                                               constant
     beta(s) = min(1, (s + 1) / A)                              linear KL warm-up over A steps
@@ -20,7 +20,7 @@ KL_SCHEDULES = ("linear", "cosine")
 def learning_rate(step: int, *, lr: float, schedule: str, total_steps: int, warmup_steps: float = 0) -> float:
     """The learning rate of optimizer step `step` (0-based) of `total_steps`."""
     if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
+        return lr * min(1.0, (step + 1) / warmup_steps)  # a fractional last warm-up step stops at lr
     if schedule == "cosine":
         return 0.5 * lr * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
     if schedule == "constant":
