@@ -62,7 +62,8 @@ class VAEFit:
     hidden: tuple[int, ...] = option(VAEConfig.encoder_hidden, "encoder hidden layer sizes")
     decoder_hidden: tuple[int, ...] | None = option(None, "decoder hidden layer sizes (default: the encoder's, "
                                                     "reversed)", type=int, nargs="+")
-    activation: str = option(VAEConfig.activation, "hidden-layer activation", choices=sorted(ACTIVATIONS))
+    activation: str = option(VAEConfig.activation, "hidden-layer activation (none: for --layer gated)",
+                             choices=sorted(ACTIVATIONS))
     flows: int | None = option(None, "K planar flows (default: {})".format(
         ", ".join(f"{k} for {kind}" for kind, k in DEFAULT_FLOWS.items())), type=int)
     flow_type: str = option(VAEConfig.flow_type, "amortized: flow parameters per image from the encoder; global: "
@@ -97,12 +98,13 @@ class VAEFit:
                             "importance-weighted bound (Burda et al. 2016), tighter as k grows", choices=OBJECTIVES)
     k: int = option(1, "samples per training row for --objective (each step costs about k times more in the "
                     "decoder). 1: the quality models' one-sample ELBO")
-    patience: int = option(30, "stop after this many epochs without a better validation ELBO (0: never)")
+    patience: int = option(30, "stop after this many epochs without a better validation ELBO (IW bound with "
+                           "iwae; 0: never)")
     dynamic_binarization: bool | None = option(None, "re-binarize the continuous training rows each epoch (default: "
                                                "on when they exist: less overfitting than one fixed binarization)",
                                                action=argparse.BooleanOptionalAction)
-    eval_samples: int = option(1000, "S for the test importance-weighted log-likelihood in metrics.json (the "
-                               "benchmark's S)")
+    eval_samples: int = option(1000, "S for the validation and test importance-weighted log-likelihoods in "
+                               "metrics.json (the benchmark's S)")
     chunk: int = option(50_000, "(row, sample) pairs per pass when evaluating (bounds the memory of a pass)")
     threads: int = option(1, "torch CPU threads (0: torch's default). At batch 100 a second thread gains little, and "
                           "on a busy machine OpenMP threads waiting on each other slow training down tens of times "

@@ -166,3 +166,12 @@ def test_recipe_options_reject_bad_values(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--objective", "kl"])
     assert "invalid choice: 'kl'" in capsys.readouterr().err
+
+
+def test_the_kl_warm_up_defaults_by_kind(tmp_path, monkeypatch):
+    monkeypatch.setitem(train_vae.DEFAULT_KL_WARMUP, "flow-vae", 7.0)
+    data = load_dataset("digits")
+    train_vae.fit(_job(epochs=1), data, tmp_path / "default")
+    assert load_checkpoint(tmp_path / "default")["meta"]["training"]["warmup_epochs"] == 7.0
+    train_vae.fit(_job(epochs=1, warmup_epochs=3.0), data, tmp_path / "given")
+    assert load_checkpoint(tmp_path / "given")["meta"]["training"]["warmup_epochs"] == 3.0
