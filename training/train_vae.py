@@ -38,14 +38,17 @@ from training.common import (
 from training.config import FitJob, option
 from training.data import ImageData
 from training.distributed import Dist, single
+from training.schedules import KL_SCHEDULES, LR_SCHEDULES, Schedule
 from training.shards import local, reopen_dataset, row_fetcher
-from training.vae import ACTIVATIONS, FLOW_TYPES, LIKELIHOODS, VAE, VAEConfig
-from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
+from training.vae import ACTIVATIONS, FLOW_TYPES, LAYERS, LIKELIHOODS, VAE, VAEConfig
+from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, objective_rows, train_epoch
 
 # K by kind when --flows is not given: 10 planar flows, the peers' setting, against which the quality models
 # of docs/benchmarks.md were compared.
 DEFAULT_FLOWS = {"vae": 0, "flow-vae": 10}
-SCHEDULES = ("constant", "cosine")
+# KL warm-up epochs by kind when --warmup-epochs is not given: 100 each, the quality models' setting; a flow-VAE
+# may want its own (a KL schedule per model kind), set from validation figures.
+DEFAULT_KL_WARMUP = {"vae": 100.0, "flow-vae": 100.0}
 ELBO_SAMPLES = 10  # S for the reported ELBOs (train / valid / test): a lower-variance MC estimate
 VALID_SAMPLES = 4  # S per validation row for model selection each epoch (the same eps every epoch)
 
@@ -59,11 +62,15 @@ class VAEFit:
     hidden: tuple[int, ...] = option(VAEConfig.encoder_hidden, "encoder hidden layer sizes")
     decoder_hidden: tuple[int, ...] | None = option(None, "decoder hidden layer sizes (default: the encoder's, "
                                                     "reversed)", type=int, nargs="+")
-    activation: str = option(VAEConfig.activation, "hidden-layer activation", choices=sorted(ACTIVATIONS))
+    activation: str = option(VAEConfig.activation, "hidden-layer activation (none: for --layer gated)",
+                             choices=sorted(ACTIVATIONS))
     flows: int | None = option(None, "K planar flows (default: {})".format(
         ", ".join(f"{k} for {kind}" for kind, k in DEFAULT_FLOWS.items())), type=int)
     flow_type: str = option(VAEConfig.flow_type, "amortized: flow parameters per image from the encoder; global: "
                             "shared parameters", choices=FLOW_TYPES)
+    layer: str = option(VAEConfig.layer, "hidden layers. plain: Linear + activation (the quality models'); residual: "
+                        "h + act(Linear(h)) where the width stays; gated: act(Linear(h)) * sigmoid(Linear_g(h)), "
+                        "the VampPrior code's GatedDense (there with --activation none)", choices=LAYERS)
     likelihood: str | None = option(None, "p(x|z) (default: bernoulli for binary data, gaussian otherwise)",
                                     choices=LIKELIHOODS)
     var_floor: float = option(VAEConfig.var_floor, "gaussian: lower bound on the pixel variance")
@@ -72,18 +79,32 @@ class VAEFit:
     batch_size: int = option(100, "rows per Adam step (the peers' batch size); under torchrun the global batch, "
                              "a multiple of the ranks")
     lr: float = option(1e-3, "Adam learning rate (Adam's usual rate; the cosine schedule decays it)")
-    lr_schedule: str = option("cosine", "cosine: decay the learning rate to 0 over --epochs (per step)",
-                              choices=SCHEDULES)
+    lr_schedule: str = option("cosine", "cosine: decay the learning rate to 0 at --epochs (per step; from the end "
+                              "of --lr-warmup-epochs)", choices=LR_SCHEDULES)
+    lr_warmup_epochs: float = option(0.0, "learning-rate warm-up: the rate rises linearly from lr / steps to --lr "
+                                     "over these epochs (per step), then follows --lr-schedule. 0: none, as the "
+                                     "quality models (Adam at 1e-3 was stable from the first step)")
     weight_decay: float = option(0.1, "decoupled weight decay (AdamW; 0 gives Adam): the main remedy against "
                                  "overfitting 3,600 rows")
-    warmup_epochs: float = option(100.0, "KL warm-up: the weight of log p(z) - log q(z|x) rises linearly from 0 to "
-                                  "1 over these epochs (fewer inactive latent units)")
-    patience: int = option(30, "stop after this many epochs without a better validation ELBO (0: never)")
+    warmup_epochs: float | None = option(None, "KL warm-up: the weight beta of log p(z) - log q(z|x) rises from 0 "
+                                         "to 1 over these epochs (fewer inactive latent units). Default by kind: {} "
+                                         "(the quality models')".format(", ".join(
+                                             f"{e:g} for {kind}" for kind, e in DEFAULT_KL_WARMUP.items())),
+                                         type=float)
+    kl_schedule: str = option("linear", "shape of the KL warm-up: linear, or cosine (beta = (1 - cos(pi t)) / 2: "
+                              "slower at both ends). linear is the quality models'", choices=KL_SCHEDULES)
+    objective: str = option("elbo", "training bound per row over --k samples. elbo (the quality models'): the mean "
+                            "of the k log w (k > 1: a lower-variance gradient); iwae: logsumexp - log k, the "
+                            "importance-weighted bound (Burda et al. 2016), tighter as k grows", choices=OBJECTIVES)
+    k: int = option(1, "samples per training row for --objective (each step costs about k times more in the "
+                    "decoder). 1: the quality models' one-sample ELBO")
+    patience: int = option(30, "stop after this many epochs without a better validation ELBO (IW bound with "
+                           "iwae; 0: never)")
     dynamic_binarization: bool | None = option(None, "re-binarize the continuous training rows each epoch (default: "
                                                "on when they exist: less overfitting than one fixed binarization)",
                                                action=argparse.BooleanOptionalAction)
-    eval_samples: int = option(1000, "S for the test importance-weighted log-likelihood in metrics.json (the "
-                               "benchmark's S)")
+    eval_samples: int = option(1000, "S for the validation and test importance-weighted log-likelihoods in "
+                               "metrics.json (the benchmark's S)")
     chunk: int = option(50_000, "(row, sample) pairs per pass when evaluating (bounds the memory of a pass)")
     threads: int = option(1, "torch CPU threads (0: torch's default). At batch 100 a second thread gains little, and "
                           "on a busy machine OpenMP threads waiting on each other slow training down tens of times "
@@ -101,11 +122,16 @@ def _config(kind: str, fit: VAEFit, data: ImageData) -> VAEConfig:
         raise ValueError(f"--model vae has no flows, got --flows {flows}; use --model flow-vae")
     if kind == "flow-vae" and flows < 1:
         raise ValueError(f"--model flow-vae needs --flows >= 1, got {flows}; use --model vae for none")
+    if fit.k < 1:
+        raise ValueError(f"--k is the number of samples per training row and must be >= 1, got {fit.k}")
+    if fit.lr_warmup_epochs < 0 or (fit.warmup_epochs or 0) < 0:
+        raise ValueError(f"warm-up epochs must be >= 0, got --lr-warmup-epochs {fit.lr_warmup_epochs}, "
+                         f"--warmup-epochs {fit.warmup_epochs}")
     likelihood = fit.likelihood or ("bernoulli" if data.binary else "gaussian")
     return VAEConfig(
         data_dim=data.data_dim, latent_dim=fit.latent_dim, encoder_hidden=tuple(fit.hidden),
         decoder_hidden=tuple(fit.decoder_hidden or fit.hidden[::-1]), activation=fit.activation,
-        likelihood=likelihood, var_floor=fit.var_floor, flows=flows, flow_type=fit.flow_type,
+        likelihood=likelihood, var_floor=fit.var_floor, flows=flows, flow_type=fit.flow_type, layer=fit.layer,
     )
 
 
@@ -143,18 +169,15 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
     batches = GlobalBatches(n, B, dist, run.seed)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
-    warmup_steps = args.warmup_epochs * steps_per_epoch
+    kl_warmup = DEFAULT_KL_WARMUP[kind] if args.warmup_epochs is None else args.warmup_epochs
     forward = dist.wrap(LogWeightTerms(model))
     opt = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
-
-    def schedule(step: int) -> tuple[float | None, float]:
-        """(learning rate or None to leave it, KL weight beta) for optimizer step `step` (0-based)."""
-        lr = (0.5 * args.lr * (1.0 + math.cos(math.pi * step / total_steps))
-              if args.lr_schedule == "cosine" else None)
-        beta = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        return lr, beta
-
-    history: dict[str, list[float]] = {"train ELBO": [], "valid ELBO": []}
+    schedule = Schedule(lr=args.lr, lr_schedule=args.lr_schedule, total_steps=total_steps,
+                        lr_warmup_steps=args.lr_warmup_epochs * steps_per_epoch,
+                        kl_warmup_steps=kl_warmup * steps_per_epoch, kl_schedule=args.kl_schedule)
+    # The epoch is chosen on the training bound at beta = 1 over the validation rows' fixed samples.
+    valid_name = "valid ELBO" if args.objective == "elbo" else f"valid IW bound (S={VALID_SAMPLES})"
+    history: dict[str, list[float]] = {"train ELBO": [], valid_name: []}
     best = {"elbo": -math.inf, "epoch": 0, "state": None}
     step, epoch = 0, 0
     start = time.perf_counter()
@@ -163,10 +186,11 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
     for epoch in bar:
         model.train()
         elbo_sum, step = train_epoch(forward, opt, fetch, batches, epoch, latent_dim=cfg.latent_dim, gen=gen,
-                                     binarize=dynamic, step=step, schedule=schedule)
+                                     binarize=dynamic, step=step, schedule=schedule, objective=args.objective,
+                                     k=args.k)
         model.eval()
         with torch.no_grad():
-            valid_sum = model.log_weights(x_valid, valid_eps).mean(1).double().sum()
+            valid_sum = objective_rows(model.log_weights(x_valid, valid_eps), args.objective).double().sum()
         elbo_sum, valid_sum = dist.sum(elbo_sum, valid_sum)  # one all-reduce per epoch: sums over all rows
         train_elbo, valid_elbo = float(elbo_sum) / n, float(valid_sum) / len(data.valid)
         if not math.isfinite(train_elbo):
@@ -174,13 +198,13 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
                 f"{kind} training diverged in epoch {epoch}: the training ELBO is {train_elbo} "
                 f"(learning rate {args.lr}); lower --lr or check the data for NaN/inf")
         history["train ELBO"].append(train_elbo)
-        history["valid ELBO"].append(valid_elbo)
+        history[valid_name].append(valid_elbo)
         if valid_elbo > best["elbo"]:
             best = {"elbo": valid_elbo, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{-train_elbo:.2f}", valid_elbo=f"{valid_elbo:.2f}", best=f"{best['elbo']:.2f}",
                         s_per_epoch=f"{elapsed / epoch:.2f}", refresh=False)
-        report.step(epoch, args.epochs, "epoch", **{"train ELBO": train_elbo, "valid ELBO": valid_elbo})
+        report.step(epoch, args.epochs, "epoch", **{"train ELBO": train_elbo, valid_name: valid_elbo})
         if args.patience and epoch - best["epoch"] >= args.patience:
             break
         if args.time_limit is not None and dist.decide(elapsed >= args.time_limit):  # rank 0's clock
@@ -193,11 +217,12 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
 
     settings = {
         "model": kind, "latent_dim": cfg.latent_dim, "hidden": list(cfg.encoder_hidden),
-        "decoder_hidden": list(cfg.decoder_hidden), "activation": cfg.activation, "flows": cfg.flows,
-        "flow_type": cfg.flow_type if cfg.flows else None, "likelihood": cfg.likelihood,
+        "decoder_hidden": list(cfg.decoder_hidden), "activation": cfg.activation, "layer": cfg.layer,
+        "flows": cfg.flows, "flow_type": cfg.flow_type if cfg.flows else None, "likelihood": cfg.likelihood,
         "epochs": args.epochs, "epochs_run": epoch, "best_epoch": best["epoch"], "batch_size": B,
-        "lr": args.lr, "lr_schedule": args.lr_schedule, "weight_decay": args.weight_decay,
-        "warmup_epochs": args.warmup_epochs, "patience": args.patience, "dynamic_binarization": dynamic,
+        "lr": args.lr, "lr_schedule": args.lr_schedule, "lr_warmup_epochs": args.lr_warmup_epochs,
+        "weight_decay": args.weight_decay, "warmup_epochs": kl_warmup, "kl_schedule": args.kl_schedule,
+        "objective": args.objective, "k": args.k, "patience": args.patience, "dynamic_binarization": dynamic,
         "optimizer": type(opt).__name__, "seed": run.seed, "device": str(device), **dist.record(),
         "threads": torch.get_num_threads(), "seconds": seconds,
     }
@@ -240,8 +265,9 @@ def make_optimizer(model: VAE, *, lr: float, weight_decay: float) -> torch.optim
 @torch.no_grad()
 def _figures(model: VAE, data: ImageData, *, S: int, chunk: int, seed: int, device,
              splits: tuple[str, ...] = ("train", "valid", "test"), dist: Dist | None = None) -> dict:
-    """ELBOs per split and the test importance-weighted bound: over ranks, each rank's own rows with its own
-    noise (rank 0's is the one-process noise), reduced as sums and counts."""
+    """ELBOs per split and the validation (when in `splits`: to choose recipes on) and test importance-weighted
+    bounds: over ranks, each rank's own rows with its own noise (rank 0's is the one-process noise), reduced as
+    sums and counts."""
     dist = dist or Dist(device=torch.device(device))
     model = model.to(device).eval()
 
@@ -258,7 +284,9 @@ def _figures(model: VAE, data: ImageData, *, S: int, chunk: int, seed: int, devi
         figures[f"{split}_elbo"] = mean(split, lambda x, gen: torch.cat(
             [model.elbo(xb, ELBO_SAMPLES, gen) for xb in x.split(max(1, chunk // ELBO_SAMPLES))]))
     figures["elbo_samples"] = ELBO_SAMPLES
-    ll = mean("test", lambda x, gen: model.importance_weighted_bound(x, S, chunk, gen))
+    for split in ("valid", "test") if "valid" in splits else ("test",):
+        figures[f"{split}_log_likelihood"] = mean(split, lambda x, g: model.importance_weighted_bound(x, S, chunk, g))
+    ll = figures["test_log_likelihood"]
     bpd, note = bits_figures(ll, data, model.config.likelihood)
     figures.update({
         "test_log_likelihood": ll,

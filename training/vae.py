@@ -25,9 +25,11 @@ from torch.nn.functional import softplus
 from model_repository.card import FLOW_TYPES, LIKELIHOODS
 from model_repository.graphs import GRAPHS, decoder_outputs, encoder_outputs
 from training.flows import GlobalPlanarFlows, planar_flows, planar_flows_fast, u_hat
+from training.layers import GatedLinear, ResidualLinear
 
 LOG_2PI = math.log(2.0 * math.pi)
-ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU}
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU, "none": nn.Identity}
+LAYERS = ("plain", "residual", "gated")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class VAEConfig:
     var_floor: float = 1e-3  # gaussian only: var = exp(raw) + floor bounds the density on flat [0, 1] pixels
     flows: int = 0  # K planar flows; 0 = plain VAE
     flow_type: str = "amortized"  # per-sample flow parameters from the encoder (the paper's choice)
+    layer: str = "plain"  # hidden layers of encoder and decoder (see mlp); checkpoints without it are plain
 
     def __post_init__(self):
         # checkpoints store lists (JSON-friendly); keep tuples inside.
@@ -52,6 +55,8 @@ class VAEConfig:
             raise ValueError(f"flow_type must be one of {FLOW_TYPES}, got {self.flow_type!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+        if self.layer not in LAYERS:
+            raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
         if self.flows < 0 or self.latent_dim < 1 or self.data_dim < 1:
             raise ValueError(f"need flows >= 0, latent_dim >= 1, data_dim >= 1; got flows={self.flows}, "
                              f"latent_dim={self.latent_dim}, data_dim={self.data_dim}")
@@ -59,14 +64,31 @@ class VAEConfig:
             raise ValueError(f"var_floor must be > 0, got {self.var_floor}")
 
 
-def mlp(sizes: list[int], activation: str) -> nn.Sequential:
-    """Linear layers of the given sizes with `activation` after every one but the last."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
+def mlp(sizes: list[int], activation: str, layer: str = "plain") -> nn.Sequential:
+    """Linear layers of the given sizes with `activation` after every one but the last.
+
+    layer "plain": Linear then activation (the flat Sequential of old checkpoints: their state_dict keys).
+    "residual": a hidden layer whose width equals its input's is h + act(Linear(h)) (the first layer and
+    size changes stay plain). "gated": each hidden layer is act(Linear(h)) * sigmoid(Linear_g(h)), the gated
+    linear units of Tomczak & Welling's VampPrior code (GatedDense; their activation is none: --activation
+    none). The last layer is a plain Linear in every case.
+    """
+    if layer == "plain":
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(ACTIVATIONS[activation]())
+        return nn.Sequential(*layers)
+    blocks: list[nn.Module] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
+        if layer == "gated":
+            blocks.append(GatedLinear(a, b, ACTIVATIONS[activation]()))
+        elif a == b:
+            blocks.append(ResidualLinear(b, ACTIVATIONS[activation]()))
+        else:
+            blocks.append(nn.Sequential(nn.Linear(a, b), ACTIVATIONS[activation]()))
+    return nn.Sequential(*blocks, nn.Linear(sizes[-2], sizes[-1]))
 
 
 class VAE(nn.Module):
@@ -77,8 +99,9 @@ class VAE(nn.Module):
         self.amortized = K > 0 and c.flow_type == "amortized"
         # One output layer for mean, log_var and (amortized) raw flow parameters u, w [K, d], b [K].
         n_out = 2 * d + (K * (2 * d + 1) if self.amortized else 0)
-        self.encoder = mlp([D, *c.encoder_hidden, n_out], c.activation)
-        self.decoder = mlp([d, *c.decoder_hidden, D * (2 if c.likelihood == "gaussian" else 1)], c.activation)
+        self.encoder = mlp([D, *c.encoder_hidden, n_out], c.activation, c.layer)
+        self.decoder = mlp([d, *c.decoder_hidden, D * (2 if c.likelihood == "gaussian" else 1)], c.activation,
+                           c.layer)
         self.global_flows = GlobalPlanarFlows(d, K) if K > 0 and c.flow_type == "global" else None
 
     # -- checks ---------------------------------------------------------------------------------

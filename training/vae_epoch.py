@@ -12,6 +12,11 @@ binarize the batch) is drawn for the whole global batch from a generator that ev
 state; each rank keeps its own rows' draws. Each rank's loss is its rows' share of the global batch mean
 times W, and DistributedDataParallel averages the ranks' gradients, so every rank takes the one-process
 step on the global batch, up to the rounding of the summed gradients.
+
+Objectives (`--objective`, `--k`): each row draws k samples and gets k log-weights log w_i;
+"elbo" averages them (k = 1: the one-sample ELBO; k > 1: the same objective with a lower-variance
+gradient), "iwae" (Burda et al., 2016) maximises logsumexp_i(log w_i) - log k, a bound that tightens as k
+grows. During the KL warm-up the log-weights are log p(x|z) + beta (log p(z) - log q_0 + log det).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from torch.utils.data.distributed import DistributedSampler
 from training.distributed import Dist
 from training.vae import VAE
 
+OBJECTIVES = ("elbo", "iwae")
+
 
 class LogWeightTerms(nn.Module):
     """The VAE's log-weight terms as a module's forward: DistributedDataParallel synchronises gradients
@@ -37,6 +44,15 @@ class LogWeightTerms(nn.Module):
 
     def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.vae.log_weight_terms(x, eps)
+
+
+def objective_rows(log_w: Tensor, objective: str) -> Tensor:
+    """Per row [N] of log-weights [N, k]: their mean ("elbo") or logsumexp - log k ("iwae")."""
+    if objective == "iwae":
+        return torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1])
+    if objective == "elbo":
+        return log_w.mean(1)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 
 class GlobalBatches:
@@ -70,14 +86,15 @@ class GlobalBatches:
 
 def train_epoch(forward: nn.Module, opt: torch.optim.Optimizer, fetch: Callable[[Tensor], Tensor],
                 batches: GlobalBatches, epoch: int, *, latent_dim: int, gen: torch.Generator, binarize: bool,
-                step: int = 0, schedule=None) -> tuple[Tensor, int]:
+                step: int = 0, schedule=None, objective: str = "elbo", k: int = 1) -> tuple[Tensor, int]:
     """One pass over the training rows in an order shuffled for `epoch`, one Adam step per global batch.
 
-    loss = -mean over the global batch of [log p(x|z_K) + beta (log p(z_K) - log q_0(z_0|x) + sum log|det J|)],
-    one sample each, with (lr, beta) = schedule(step) (beta = 1 and a fixed lr without one). `forward` is a
+    loss = -mean over the global batch of objective_rows(log w^beta), log w^beta = log p(x|z_K)
+    + beta (log p(z_K) - log q_0(z_0|x) + sum log|det J|) for k samples per row, with (lr, beta) =
+    schedule(step) (beta = 1 and a fixed lr without one). `forward` is a
     :class:`LogWeightTerms` (in DistributedDataParallel over ranks); `fetch` gives the rows at positions
-    (continuous intensities when `binarize`). Returns this rank's sum of the ELBO estimates (beta = 1, float64,
-    a tensor: no device sync per step) and the next step number.
+    (continuous intensities when `binarize`). Returns this rank's sum of the ELBO estimates (the mean of
+    log w at beta = 1 over the k samples, float64, a tensor: no device sync per step) and the next step number.
     """
     W = batches.dist.world_size
     elbo_sum = torch.zeros((), dtype=torch.float64, device=batches.dist.device)
@@ -86,18 +103,18 @@ def train_epoch(forward: nn.Module, opt: torch.optim.Optimizer, fetch: Callable[
         if binarize:  # each pixel 1 with probability its intensity, as training.data.binarize
             u = torch.rand((n_step, x.shape[1]), generator=gen, dtype=x.dtype, device=x.device)
             x = (u[place] < x).to(x.dtype)
-        eps = torch.randn((n_step, 1, latent_dim), generator=gen, dtype=x.dtype, device=x.device)[place]
+        eps = torch.randn((n_step, k, latent_dim), generator=gen, dtype=x.dtype, device=x.device)[place]
         log_px_z, log_pz, log_q0, log_det = forward(x, eps)
-        kl_part = log_pz - log_q0 + log_det  # a one-sample estimate of -KL(q(z_K|x) || p(z_K))
+        kl_part = log_pz - log_q0 + log_det  # per sample, an estimate of -KL(q(z_K|x) || p(z_K))
         lr, beta = schedule(step) if schedule is not None else (None, 1.0)
         if lr is not None:
             for group in opt.param_groups:
                 group["lr"] = lr
         # DDP averages the W ranks' gradients: W times this rank's share of the batch sum gives the batch mean.
-        loss = -(log_px_z + beta * kl_part).sum() * (W / n_step)
+        loss = -objective_rows(log_px_z + beta * kl_part, objective).sum() * (W / n_step)
         opt.zero_grad(set_to_none=True)
         batches.dist.collective("the gradients' all-reduce in backward", loss.backward)  # DDP all-reduces here
         opt.step()
-        elbo_sum += (log_px_z + kl_part).detach().sum().double()
+        elbo_sum += (log_px_z + kl_part).detach().mean(1).sum().double()
         step += 1
     return elbo_sum, step

@@ -1,6 +1,7 @@
 """`python -m training fit --model vae|flow-vae` end to end on small data, and its error paths."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -78,3 +79,99 @@ def test_flow_count_must_match_the_kind(tmp_path, capsys):
     data = load_dataset("digits")
     with pytest.raises(ValueError, match="needs continuous training intensities"):
         train_vae.fit(_job(dynamic_binarization=True, likelihood="bernoulli"), data, tmp_path)
+
+
+@pytest.mark.parametrize("options", [
+    ["--model", "flow-vae", "--flows", "2", "--objective", "iwae", "--k", "3", "--layer", "gated",
+     "--lr-warmup-epochs", "1"],
+    ["--model", "vae", "--layer", "residual", "--activation", "none", "--objective", "elbo", "--k", "2",
+     "--warmup-epochs", "1", "--kl-schedule", "cosine"],
+], ids=["flow-vae-iwae-gated", "vae-elbo-k2-residual"])
+def test_fit_options_train_export_and_serve(tmp_path, options):
+    """A fit with the recipe options writes their settings and the validation bound, its ONNX graphs pass the
+    export's parity check, and the service serves them: /log-likelihood equals the torch model on the same eps."""
+    import math
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from model_repository.card import load_model_card
+    from service.app import create_app
+    from service.settings import Settings
+    from training.layers import GatedLinear, ResidualLinear
+
+    out = tmp_path / "models" / "recipe"
+    assert main(["fit", *options, "--dataset", "digits", "--epochs", "2", "--hidden", "16", "16", "--latent-dim",
+                 "4", "--likelihood", "bernoulli", "--eval-samples", "8", "--out", str(out), "--quiet"]) == 0
+    given = dict(zip(options[::2], options[1::2], strict=True))
+    metrics = read_json(out / "metrics.json")
+    assert isinstance(metrics["valid_log_likelihood"], float)
+    assert metrics["valid_log_likelihood"] >= metrics["valid_elbo"] - 1.0  # IW (S=8) vs ELBO (S=10) estimates
+    ckpt = load_checkpoint(out)
+    training = ckpt["meta"]["training"]
+    assert ckpt["config"]["layer"] == training["layer"] == given["--layer"]
+    assert (training["objective"], training["k"]) == (given["--objective"], int(given["--k"]))
+    assert training["lr_warmup_epochs"] == float(given.get("--lr-warmup-epochs", 0))
+    assert training["warmup_epochs"] == float(given.get("--warmup-epochs", 100))  # both kinds' default: 100
+    assert training["kl_schedule"] == given.get("--kl-schedule", "linear")
+    valid_curve = "valid ELBO" if given["--objective"] == "elbo" else "valid IW bound (S=4)"
+    assert len(ckpt["meta"]["history"][valid_curve]) == 2
+    model = train_vae.build_model(ckpt)  # checkpoint round trip
+    assert isinstance(model.encoder[1], GatedLinear if given["--layer"] == "gated" else ResidualLinear)
+    assert load_model_card(out).latent_dim == 4
+
+    S, seed = 20, 3
+    x = (load_dataset("digits").test[:6] >= 0.5).astype(np.float32)
+    eps = np.random.default_rng(seed).standard_normal((len(x), S, 4), dtype=np.float32)
+    with torch.no_grad():
+        log_w = model.log_weights(torch.as_tensor(x), torch.as_tensor(eps)).double().numpy()
+    settings = Settings(models_dir=out.parent, log_level="warning", max_queue_delay_ms=1.0)
+    with TestClient(create_app(settings)) as client:
+        for _ in range(300):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        r = client.post(f"/log-likelihood?model=recipe&samples={S}&seed={seed}", json={"images": x.tolist()})
+    assert r.status_code == 200, r.text
+    iw = np.logaddexp.reduce(log_w, axis=1) - math.log(S)
+    for i, res in enumerate(r.json()["results"]):
+        assert res["elbo"] == pytest.approx(log_w[i].mean(), rel=1e-4)
+        assert res["iw_bound"] == pytest.approx(iw[i], rel=1e-4)
+
+
+def test_a_checkpoint_of_the_former_code_loads_as_plain_layers():
+    """Checkpoints written before --layer have no `layer` in their config and flat `encoder.0.weight` keys."""
+    from dataclasses import asdict
+
+    from training.vae import VAE, VAEConfig
+
+    torch.manual_seed(0)
+    old = VAE(VAEConfig(data_dim=64, latent_dim=3, encoder_hidden=(8, 8), decoder_hidden=(8, 8), flows=2))
+    config = {k: v for k, v in asdict(old.config).items() if k != "layer"}
+    state = old.state_dict()
+    assert "encoder.2.weight" in state and "decoder.4.bias" in state
+    model = train_vae.build_model({"config": config, "state_dict": state})
+    assert model.config.layer == "plain"
+    x = torch.rand(5, 64)
+    eps = torch.randn(5, 2, 3)
+    torch.testing.assert_close(model.log_weights(x, eps), old.eval().log_weights(x, eps), rtol=0, atol=0)
+
+
+def test_recipe_options_reject_bad_values(tmp_path, capsys):
+    base = ["fit", "--model", "vae", "--dataset", "digits", "--out", str(tmp_path)]
+    assert main([*base, "--k", "0"]) == 2
+    assert "--k is the number of samples per training row and must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*base, "--lr-warmup-epochs", "-1"]) == 2
+    assert "warm-up epochs must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--objective", "kl"])
+    assert "invalid choice: 'kl'" in capsys.readouterr().err
+
+
+def test_the_kl_warm_up_defaults_by_kind(tmp_path, monkeypatch):
+    monkeypatch.setitem(train_vae.DEFAULT_KL_WARMUP, "flow-vae", 7.0)
+    data = load_dataset("digits")
+    train_vae.fit(_job(epochs=1), data, tmp_path / "default")
+    assert load_checkpoint(tmp_path / "default")["meta"]["training"]["warmup_epochs"] == 7.0
+    train_vae.fit(_job(epochs=1, warmup_epochs=3.0), data, tmp_path / "given")
+    assert load_checkpoint(tmp_path / "given")["meta"]["training"]["warmup_epochs"] == 3.0
