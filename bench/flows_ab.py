@@ -1,11 +1,13 @@
-"""Training speed of this checkout's planar flows (training/flows.py) against another checkout's, in one process.
+"""Training speed of this checkout's flow-VAE (training/flows.py and training/vae.py) against another checkout's, in
+one process.
 
-    .venv/bin/python -m bench.flows_ab --base ../before [--pairs 8]
+    .venv/bin/python -m bench.flows_ab --base ../before [--pairs 8] [--threads 1]
 
 Epoch by epoch, ABBA, the same model, optimizer and data (bench/vae_speed.py's setting: 4,000 mnist5k rows
-binarized afresh each epoch, encoder 784-512-80, 10 flows, Adam, batch 100, 1 torch thread); between epochs
-`training.vae` is pointed at one checkout's `planar_flows` and `planar_flows_fast` or the other's. Separate
-processes a minute apart drift more on a shared machine than a flows change could move an epoch. Prints only.
+binarized afresh each epoch, encoder 784-512-80, 10 flows, Adam, batch 100); between epochs the model's class is
+switched between this checkout's `VAE` and the other checkout's (its training/vae.py with its own
+training/flows.py), which share their parameters' layout. Separate processes a minute apart drift more on a
+shared machine than a flows change could move an epoch. Prints only.
 """
 
 from __future__ import annotations
@@ -19,29 +21,40 @@ from pathlib import Path
 
 import torch
 
-import training.flows as this_flows
-import training.vae as vae_module
+import training.flows
 from training.data import mnist5k_raw, mnist5k_split
-from training.train_vae import make_optimizer, train_epoch
+from training.distributed import Dist
+from training.train_vae import make_optimizer
 from training.vae import VAE, VAEConfig
+from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
 
 
-def _flows_of(checkout: Path):
-    spec = importlib.util.spec_from_file_location("base_flows", checkout / "training" / "flows.py")
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
+def _vae_class_of(checkout: Path) -> type:
+    """The other checkout's VAE class, its `training.flows` imports resolved to that checkout's flows.py."""
+    base_flows = _load("base_flows", checkout / "training" / "flows.py")
+    sys.modules["training.flows"] = base_flows
+    try:
+        return _load("base_vae", checkout / "training" / "vae.py").VAE
+    finally:
+        sys.modules["training.flows"] = training.flows
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, required=True, help="the other checkout (e.g. the code before a change)")
     p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    base = _flows_of(args.base)
-    impls = {"base": (base.planar_flows, base.planar_flows_fast),
-             "this": (this_flows.planar_flows, this_flows.planar_flows_fast)}
-    torch.set_num_threads(1)
+    classes = {"base": _vae_class_of(args.base), "this": VAE}
+    torch.set_num_threads(args.threads)
     probs = torch.as_tensor(mnist5k_raw()[mnist5k_split()[0]], dtype=torch.float32)
     for flow_type in ("global", "amortized"):
         torch.manual_seed(0)
@@ -49,20 +62,21 @@ def main(argv: list[str] | None = None) -> int:
                               flow_type=flow_type)).train()
         opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
         gen = torch.Generator().manual_seed(0)
+        batches = GlobalBatches(len(probs), 100, Dist(), 0)
         times: dict[str, list[float]] = {"base": [], "this": []}
         for i in range(2 * args.pairs + 1):  # the first epoch warms up
             side = ("base", "this")[i % 2] if (i // 2) % 2 == 0 else ("this", "base")[i % 2]
-            vae_module.planar_flows, vae_module.planar_flows_fast = impls[side]
+            model.__class__ = classes[side]
             t = time.perf_counter()
-            xs = (torch.rand(probs.shape, generator=gen) < probs).float()
-            train_epoch(model, opt, xs, batch_size=100, gen=gen)
+            train_epoch(LogWeightTerms(model), opt, lambda rows: probs[rows], batches, i, latent_dim=40, gen=gen,
+                        binarize=True)
             if i:
                 times[side].append(time.perf_counter() - t)
         ratios = [a / b for a, b in zip(times["this"], times["base"], strict=False)]
-        print(f"flow-vae ({flow_type}, 10 flows): base median {statistics.median(times['base']):.3f} s/epoch, this "
-              f"{statistics.median(times['this']):.3f}; this / base per pair of epochs: median "
-              f"{statistics.median(ratios):.3f} (range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} pairs)",
-              flush=True)
+        print(f"flow-vae ({flow_type}, 10 flows, {args.threads} thread(s)): base median "
+              f"{statistics.median(times['base']):.3f} s/epoch, this {statistics.median(times['this']):.3f}; "
+              f"this / base per pair of epochs: median {statistics.median(ratios):.3f} "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} pairs)", flush=True)
     return 0
 
 

@@ -24,7 +24,7 @@ from torch.nn.functional import softplus
 
 from model_repository.card import FLOW_TYPES, LIKELIHOODS
 from model_repository.graphs import GRAPHS, decoder_outputs, encoder_outputs
-from training.flows import GlobalPlanarFlows, planar_flows, planar_flows_fast, u_hat
+from training.flows import GlobalPlanarFlows, fused_planar_flows, planar_flows, planar_flows_fast, u_hat
 from training.layers import GatedLinear, ResidualLinear
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -125,17 +125,19 @@ class VAE(nn.Module):
         self._check_x(x)
         return self._encode(x)
 
-    def _encode(self, x: Tensor):
+    def _encode(self, x: Tensor, raw_u: bool = False):
+        """As encode; with raw_u, amortized flows give the encoder's raw u rather than u_hat."""
         d, K = self.config.latent_dim, self.config.flows
         h = self.encoder(x)
         if self.amortized:
             # one split (one autograd node) rather than five slices
             mean, log_var, u, w, b = h.split([d, d, K * d, K * d, K], dim=1)
-            w = w.reshape(-1, K, d)
-            return mean, log_var, (u_hat(u.reshape(-1, K, d), w), w, b)
+            u, w = u.reshape(-1, K, d), w.reshape(-1, K, d)
+            return mean, log_var, (u if raw_u else u_hat(u, w), w, b)
         mean, log_var = h.split([d, d], dim=1)
         if self.global_flows is not None:
-            return mean, log_var, self.global_flows.params()
+            gf = self.global_flows
+            return mean, log_var, ((gf.u, gf.w, gf.b) if raw_u else gf.params())
         return mean, log_var, None
 
     def decode(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -163,6 +165,14 @@ class VAE(nn.Module):
             return planar_flows_fast(z0, uh, w, b)
         return planar_flows(z0, uh, w, b)
 
+    def _fused_flow(self, z0: Tensor, params) -> tuple[Tensor, Tensor]:
+        """flow() from raw parameters (u, not u_hat) by :func:`fused_planar_flows`, for training."""
+        if self.amortized:
+            return fused_planar_flows(z0, *params)
+        u, w, b = params  # global [K, d]: one row of parameters for all N * S samples
+        zK, log_det = fused_planar_flows(z0.reshape(1, -1, z0.shape[-1]), u[None], w[None], b[None])
+        return zK.view(z0.shape), log_det.view(z0.shape[:-1])
+
     # -- bounds ---------------------------------------------------------------------------------
 
     def log_px_z(self, x: Tensor, zK: Tensor) -> Tensor:
@@ -182,9 +192,11 @@ class VAE(nn.Module):
         return self._terms(x, eps)
 
     def _terms(self, x: Tensor, eps: Tensor):
-        mean, log_var, params = self._encode(x)
+        # training: u_hat and the flows in one hand-written autograd Function (fewer operator calls)
+        fused = self.config.flows > 0 and self.training and torch.is_grad_enabled()
+        mean, log_var, params = self._encode(x, raw_u=fused)
         z0 = mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * eps
-        zK, log_det = self.flow(z0, params)
+        zK, log_det = self._fused_flow(z0, params) if fused else self.flow(z0, params)
         log_pz = -0.5 * (zK.pow(2) + LOG_2PI).sum(-1)
         # z_0 - mean = std * eps exactly, so log N(z_0; mean, var) = sum -(eps^2 + log_var + log 2 pi) / 2.
         log_q0 = -0.5 * (eps.pow(2) + log_var.unsqueeze(1) + LOG_2PI).sum(-1)

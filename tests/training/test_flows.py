@@ -7,7 +7,15 @@ import torch
 from flow_reference import planar
 from torch.autograd.functional import jacobian
 
-from training.flows import U_HAT_MARGIN, GlobalPlanarFlows, m, planar_flows, planar_flows_fast, u_hat
+from training.flows import (
+    U_HAT_MARGIN,
+    GlobalPlanarFlows,
+    fused_planar_flows,
+    m,
+    planar_flows,
+    planar_flows_fast,
+    u_hat,
+)
 
 
 def _params(K: int, d: int, gen: torch.Generator, dtype=torch.float64, wu_shift: float = -3.0):
@@ -156,3 +164,58 @@ def test_hand_written_backward_matches_autograd(z_shape, p_shape):
     assert torch.autograd.gradcheck(planar_flows_fast, (z, uh, w, b))
     for a, c in zip(planar_flows(z, uh, w, b), planar_flows_fast(z, uh, w, b), strict=True):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+
+
+def _reference_from_raw(z, u, w, b):
+    """u_hat then planar_flows with autograd: what fused_planar_flows must equal, values and gradients."""
+    return planar_flows(z, u_hat(u, w).unsqueeze(1), w.unsqueeze(1), b.unsqueeze(1))
+
+
+@pytest.mark.parametrize("N,S,K,d", [(3, 1, 4, 5), (2, 3, 5, 4), (4, 2, 1, 3), (1, 6, 3, 2)])
+def test_fused_flows_gradients_match_finite_differences_and_autograd_through_u_hat(N, S, K, d):
+    gen = torch.Generator().manual_seed(N * 100 + S * 10 + K)
+    z = torch.randn(N, S, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    u, w, b = (t.reshape(N, K, -1).squeeze(-1) for t in _params(N * K, d, gen))  # w^T u near -3: u_hat moves u
+    u[0] = torch.randn(K, d, generator=gen, dtype=torch.float64) * 2  # and some rows left alone (w^T u > -1)
+    u, w, b = (t.detach().requires_grad_() for t in (u, w, b))
+    assert torch.autograd.gradcheck(fused_planar_flows, (z, u, w, b))
+    fused, ref = fused_planar_flows(z, u, w, b), _reference_from_raw(z, u, w, b)
+    for a, c in zip(fused, ref, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+    g_out = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
+    grads = [torch.autograd.grad(sum((o * g).sum() for o, g in zip(out, g_out, strict=True)), (z, u, w, b))
+             for out in (fused, ref)]
+    for a, c in zip(*grads, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_flows_where_the_margin_clamps_and_in_float32():
+    # w^T u = -1e4: softplus underflows, m is clamped (m' = 0); the gradient still equals autograd's
+    w = torch.tensor([[[2.0, 0.0, 0.0], [0.5, 1.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    u = torch.tensor([[[-5e3, 1.0, 0.0], [0.3, -0.2, 1.0]]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([[0.0, 0.1]], dtype=torch.float64, requires_grad=True)
+    z = torch.zeros(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    fused, ref = fused_planar_flows(z, u, w, b), _reference_from_raw(z, u, w, b)
+    assert (w[0, 0] * u_hat(u, w)[0, 0]).sum().item() == pytest.approx(-1 + U_HAT_MARGIN, abs=1e-12)
+    for a, c in zip(fused, ref, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+    grads = [torch.autograd.grad(out[0].sum() + out[1].sum(), (z, u, w, b)) for out in (fused, ref)]
+    for a, c in zip(*grads, strict=True):  # terms of size |w^T u| / ||w||^2 ~ 1e3 cancel: atol 1e-7
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-7)
+    # float32 at the training shapes: no further from the float64 values than the reference in float32
+    gen = torch.Generator().manual_seed(7)
+    for scale in (0.3, 1.0):  # 1.0: ||u_hat|| ~ 6, and float32 roundoff grows over the 10 flows
+        z, u, w = (torch.randn(s, generator=gen) for s in ((100, 1, 40), (100, 10, 40), (100, 10, 40)))
+        u, w, b = u * scale, w * scale, torch.randn(100, 10, generator=gen)
+        exact = _reference_from_raw(*(t.double() for t in (z, u, w, b)))
+        outs = fused_planar_flows(z, u, w, b), _reference_from_raw(z, u, w, b)
+        for a, c, e in zip(*outs, exact, strict=True):
+            assert (a.double() - e).abs().max() <= 1.5 * (c.double() - e).abs().max() + 1e-6 * e.abs().max()
+            if scale < 1:
+                torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+    with pytest.raises(ValueError, match=r"expected z \[N, S, d\], u and w \[N, K, d\], b \[N, K\]"):
+        fused_planar_flows(torch.zeros(2, 3), torch.zeros(2, 1, 3), torch.zeros(2, 1, 3), torch.zeros(2, 1))
+    z0 = torch.randn(2, 1, 3)
+    zK, ld = fused_planar_flows(z0, torch.zeros(2, 0, 3), torch.zeros(2, 0, 3), torch.zeros(2, 0))
+    assert torch.equal(zK, z0) and torch.equal(ld, torch.zeros(2, 1))

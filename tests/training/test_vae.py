@@ -160,6 +160,23 @@ def test_reparametrization_gradients_reach_every_parameter(K, flow_type):
     assert model.encoder[-1].weight.grad[:3].abs().sum() > 0
 
 
+@pytest.mark.parametrize("flow_type", ["amortized", "global"])
+def test_training_flows_equal_the_reference_path_in_values_and_gradients(flow_type):
+    # train mode runs u_hat and the flows in one hand-written Function; eval mode with grad is autograd through
+    # u_hat and planar_flows, the reference
+    model = _model(K=3, flow_type=flow_type)
+    x = _binary(16, 12)
+    eps = torch.randn(16, 2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    results = []
+    for train in (True, False):
+        model.train(train)
+        terms = model.log_weight_terms(x, eps)
+        grads = torch.autograd.grad(sum(t.sum() * (i + 1) for i, t in enumerate(terms)), list(model.parameters()))
+        results.append((terms, grads))
+    for a, c in zip(results[0][0] + results[0][1], results[1][0] + results[1][1], strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
 def test_inputs_are_checked_with_expected_and_got():
     model = _model()
     with pytest.raises(ValueError, match=r"expected x of shape \[N, 12\], got \(4, 10\)"):
