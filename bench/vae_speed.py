@@ -1,14 +1,16 @@
-"""Seconds per training epoch of the VAE and the planar-flow VAE with the peers' architecture.
+"""Seconds per training epoch of the VAE and the planar-flow VAE with the peers' architecture, side by side.
 
-    .venv/bin/python -m bench.vae_speed [--epochs 10] [--threads 1 2]
+    .venv/bin/python -m bench.vae_speed [--rounds 3] [--epochs 3] [--threads 1 2]
 
 Architecture as the peers': encoder 784-512-80, decoder 40-512-784, 10 planar flows, Adam, batch 100,
 4,000 binarized mnist5k training images (a fresh binarization each epoch, as `fit` does). The peers'
 planar flows (pyro, normflows, pythae) have global parameters, so "flow-vae (global)" is exactly their
 model; "flow-vae (amortized)" is this project's default, whose encoder has K (2d + 1) = 810 more outputs
-(the flow parameters of each image) on the same 512 units. An epoch is
-what `training.vae_epoch.train_epoch` does in one process, the binarization included; the figure is the median over
-`--epochs` epochs after one warm-up epoch. Prints and records a section in docs/benchmarks.md.
+(the flow parameters of each image) on the same 512 units. An epoch is what
+`training.vae_epoch.train_epoch` does in one process, the binarization included. The three models are built
+and warmed up once; then each round times `--epochs` epochs of each model at each thread count in turn, so
+the machine's drift shows in every row alike, and each flow model's time is also given as a ratio to the
+VAE's in the same round. Prints and records a section in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -27,50 +29,76 @@ from training.train_vae import make_optimizer
 from training.vae import VAE, VAEConfig
 from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
 
+MODELS = (("vae", 0, "amortized"), ("flow-vae (10 global planar flows)", 10, "global"),
+          ("flow-vae (10 amortized planar flows)", 10, "amortized"))
+
+
+class Trainer:
+    """One model, optimizer and data stream, trained epoch after epoch."""
+
+    def __init__(self, flows: int, flow_type: str = "amortized", seed: int = 0):
+        torch.manual_seed(seed)
+        self.probs = torch.as_tensor(mnist5k_raw()[mnist5k_split()[0]], dtype=torch.float32)  # 4000 rows
+        cfg = VAEConfig(data_dim=784, latent_dim=40, encoder_hidden=(512,), decoder_hidden=(512,), flows=flows,
+                        flow_type=flow_type)
+        self.model = VAE(cfg).train()
+        self.opt = make_optimizer(self.model, lr=1e-3, weight_decay=0.0)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.batches = GlobalBatches(len(self.probs), 100, Dist(), seed)
+        self.epoch = 0
+
+    def run_epoch(self) -> float:
+        t = time.perf_counter()
+        train_epoch(LogWeightTerms(self.model), self.opt, lambda rows: self.probs[rows], self.batches, self.epoch,
+                    latent_dim=40, gen=self.gen, binarize=True)
+        self.epoch += 1
+        return time.perf_counter() - t
+
 
 def time_epochs(flows: int, epochs: int, seed: int = 0, flow_type: str = "amortized") -> list[float]:
-    torch.manual_seed(seed)
-    probs = torch.as_tensor(mnist5k_raw()[mnist5k_split()[0]], dtype=torch.float32)  # 4000 rows
-    cfg = VAEConfig(data_dim=784, latent_dim=40, encoder_hidden=(512,), decoder_hidden=(512,), flows=flows,
-                    flow_type=flow_type)
-    model = VAE(cfg).train()
-    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    batches = GlobalBatches(len(probs), 100, Dist(), seed)
-    times = []
-    for epoch in range(epochs + 1):
-        t = time.perf_counter()
-        train_epoch(LogWeightTerms(model), opt, lambda rows: probs[rows], batches, epoch, latent_dim=40, gen=gen,
-                    binarize=True)
-        times.append(time.perf_counter() - t)
-    return times[1:]  # the first epoch warms up allocator and kernels
+    trainer = Trainer(flows, flow_type, seed)
+    return [trainer.run_epoch() for _ in range(epochs + 1)][1:]  # the first epoch warms up allocator and kernels
+
+
+def _range(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="epochs per model, thread count and round (median taken)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values to time")
     p.add_argument("--no-record", action="store_true", help="print only, do not write docs/benchmarks.md")
     args = p.parse_args(argv)
+    loads = [os.getloadavg()[0]]
+    trainers = {name: Trainer(flows, flow_type) for name, flows, flow_type in MODELS}
+    for trainer in trainers.values():
+        trainer.run_epoch()  # warm-up
+    med: dict[tuple[str, int], list[float]] = {(name, t): [] for name in trainers for t in args.threads}
+    for r in range(args.rounds):
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name, trainer in trainers.items():
+                med[name, threads].append(statistics.median(trainer.run_epoch() for _ in range(args.epochs)))
+            print(f"round {r + 1}, {threads} thread(s): " + ", ".join(f"{n} {med[n, threads][-1]:.3f}"
+                                                                      for n in trainers), flush=True)
+        loads.append(os.getloadavg()[0])
     rows = []
-    load_before = os.getloadavg()[0]
     for threads in args.threads:
-        torch.set_num_threads(threads)
-        for name, flows, flow_type in (("vae", 0, "amortized"), ("flow-vae (10 global planar flows)", 10, "global"),
-                                       ("flow-vae (10 amortized planar flows)", 10, "amortized")):
-            times = time_epochs(flows, args.epochs, flow_type=flow_type)
-            med = statistics.median(times)
-            rows.append([name, threads, f"{med:.3f}", f"{min(times):.3f}", f"{max(times):.3f}"])
-            print(f"{name}, {threads} thread(s): median {med:.3f} s/epoch (min {min(times):.3f}, "
-                  f"max {max(times):.3f})", flush=True)
-    body = ("Seconds per epoch (4,000 images, batch 100, encoder 784-512-80, decoder 40-512-784, Adam "
-            f"(fused), float32), median of {args.epochs} epochs after one warm-up epoch. The peers' figures "
-            "were 0.36-0.62 s/epoch; their planar flows are global, as in the 'global' row (the amortized "
-            "encoder has 810 more outputs). The machine is shared: 1-minute load average "
-            f"{load_before:.2f} before and {os.getloadavg()[0]:.2f} after the runs (with the cores busy, "
-            "two OpenMP threads wait on each other and epochs take many times longer; `fit` uses one "
+        vae = med["vae", threads]
+        for name in trainers:
+            ratios = [a / b for a, b in zip(med[name, threads], vae, strict=True)]
+            rows.append([name, threads, _range(med[name, threads]), "1" if name == "vae" else _range(ratios)])
+    body = ("Seconds per epoch (4,000 images, batch 100, encoder 784-512-80, decoder 40-512-784, Adam (fused), "
+            f"float32): per round, the median of {args.epochs} epochs of each model after one warm-up epoch; the "
+            f"table gives the median over {args.rounds} rounds (and their range), and the ratio to the VAE's epoch "
+            "in the same round. The peers' figures were 0.36-0.62 s/epoch; their planar flows are global, as in "
+            "the 'global' row (the amortized encoder has 810 more outputs). The machine is shared: 1-minute load "
+            f"average {', '.join(f'{x:.2f}' for x in loads)} before the runs and after each round (with the "
+            "cores busy, two OpenMP threads wait on each other and epochs take many times longer; `fit` uses one "
             "thread by default).\n\n"
-            + table(["model", "threads", "median s/epoch", "min", "max"], rows))
+            + table(["model", "threads", "s/epoch: median (range) over rounds", "/ vae, same round"], rows))
     publish("VAE training speed", body, module="bench.vae_speed", save=not args.no_record)
 
 

@@ -81,60 +81,6 @@ def _forward(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Te
     return z, torch.stack(hs, -1), zs
 
 
-class _PlanarFlowsFunction(torch.autograd.Function):
-    """:func:`planar_flows` with a hand-written backward: the same forward values, about half the
-    per-step operator calls of autograd's graph (training speed; verified by gradcheck in the tests).
-
-    Backward, with a_k = w_k^T z_{k-1} + b_k, h_k = tanh(a_k), psi_k = w_k^T u_hat_k,
-    D_k = 1 + (1 - h_k^2) psi_k and g = dL/dz_k going backwards from g = dL/dz_K:
-        dL/du_k += g h_k;  dL/da_k = (g^T u_k - 2 l h_k psi_k / D_k)(1 - h_k^2);  dL/db_k = dL/da_k;
-        dL/dw_k += dL/da_k z_{k-1};  g <- g + dL/da_k w_k;  and through psi_k with l (1 - h_k^2) / D_k,
-    where l = dL/d(log_det) (gl below).
-    """
-
-    @staticmethod
-    def forward(ctx, z, u_hat, w, b):
-        z, h, zs = _forward(z, u_hat, w, b)
-        psi = torch.linalg.vecdot(w, u_hat)
-        det = 1.0 + (1.0 - h * h) * psi
-        ctx.save_for_backward(torch.stack(zs, -2), h, psi, det, u_hat, w)
-        ctx.shapes = (u_hat.shape, b.shape)
-        return z, torch.log(torch.abs(det)).sum(-1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g, g_log_det):
-        Z, h, psi, det, u_hat, w = ctx.saved_tensors
-        u_shape, b_shape = ctx.shapes
-        dh = 1.0 - h * h  # tanh'(a_k) [..., K]
-        gl = g_log_det.unsqueeze(-1)
-        gh_det = -2.0 * gl * h * psi / det  # d log|D_k| / d h_k, times dL/d(log_det)
-        g_psi = gl * dh / det  # d log|D_k| / d psi_k, times dL/d(log_det)
-        gus, gws, gas = [], [], []
-        for k in range(h.shape[-1] - 1, -1, -1):
-            hk = h[..., k]
-            gus.append(g * hk.unsqueeze(-1))
-            ga = (torch.linalg.vecdot(g, u_hat[..., k, :]) + gh_det[..., k]) * dh[..., k]
-            gws.append(ga.unsqueeze(-1) * Z[..., k, :])
-            gas.append(ga)
-            g = torch.addcmul(g, w[..., k, :], ga.unsqueeze(-1))
-        g_u = torch.stack(gus[::-1], -2) + g_psi.unsqueeze(-1) * w
-        g_w = torch.stack(gws[::-1], -2) + g_psi.unsqueeze(-1) * u_hat
-        g_b = torch.stack(gas[::-1], -1)
-        return g, g_u.sum_to_size(u_shape), g_w.sum_to_size(u_shape), g_b.sum_to_size(b_shape)
-
-
-def planar_flows_fast(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`planar_flows` (same arguments and values) with a hand-written backward, for training.
-
-    Not for export or double differentiation; :func:`planar_flows` is the reference."""
-    if u_hat.shape != w.shape or u_hat.shape[:-1] != b.shape or u_hat.shape[-1] != z.shape[-1]:
-        return planar_flows(z, u_hat, w, b)  # raises the shape error
-    if u_hat.shape[-2] == 0:
-        return z, torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
-    return _PlanarFlowsFunction.apply(z, u_hat, w, b)
-
-
 class _FusedFlowsFunction(torch.autograd.Function):
     """:func:`u_hat` then :func:`planar_flows` for one set of raw parameters per row, forward and backward by hand.
 

@@ -24,7 +24,7 @@ from torch.nn.functional import softplus
 
 from model_repository.card import FLOW_TYPES, LIKELIHOODS
 from model_repository.graphs import GRAPHS, decoder_outputs, encoder_outputs
-from training.flows import GlobalPlanarFlows, fused_planar_flows, planar_flows, planar_flows_fast, u_hat
+from training.flows import GlobalPlanarFlows, fused_planar_flows, planar_flows, u_hat
 from training.layers import GatedLinear, ResidualLinear
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -161,8 +161,6 @@ class VAE(nn.Module):
         uh, w, b = params
         if self.amortized:  # [N, K, d] -> [N, 1, K, d]: the same flow for all S samples of a row
             uh, w, b = uh.unsqueeze(1), w.unsqueeze(1), b.unsqueeze(1)
-        if self.training and torch.is_grad_enabled():  # hand-written backward: fewer ops per step
-            return planar_flows_fast(z0, uh, w, b)
         return planar_flows(z0, uh, w, b)
 
     def _fused_flow(self, z0: Tensor, params) -> tuple[Tensor, Tensor]:
