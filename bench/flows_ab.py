@@ -63,20 +63,23 @@ def main(argv: list[str] | None = None) -> int:
         opt = make_optimizer(model, lr=1e-3, weight_decay=0.0)
         gen = torch.Generator().manual_seed(0)
         batches = GlobalBatches(len(probs), 100, Dist(), 0)
-        times: dict[str, list[float]] = {"base": [], "this": []}
+        times: dict[str, list[tuple[float, float]]] = {"base": [], "this": []}
         for i in range(2 * args.pairs + 1):  # the first epoch warms up
             side = ("base", "this")[i % 2] if (i // 2) % 2 == 0 else ("this", "base")[i % 2]
             model.__class__ = classes[side]
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             train_epoch(LogWeightTerms(model), opt, lambda rows: probs[rows], batches, i, latent_dim=40, gen=gen,
                         binarize=True)
             if i:
-                times[side].append(time.perf_counter() - t)
-        ratios = [a / b for a, b in zip(times["this"], times["base"], strict=False)]
-        print(f"flow-vae ({flow_type}, 10 flows, {args.threads} thread(s)): base median "
-              f"{statistics.median(times['base']):.3f} s/epoch, this {statistics.median(times['this']):.3f}; "
-              f"this / base per pair of epochs: median {statistics.median(ratios):.3f} "
-              f"(range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} pairs)", flush=True)
+                times[side].append((time.perf_counter() - t, time.process_time() - cpu))
+        # CPU seconds too: with one thread on a busy machine they leave out the waits for a core
+        for j, what in enumerate(("wall s", "CPU s")):
+            this, base = ([x[j] for x in times[side]] for side in ("this", "base"))
+            ratios = [a / b for a, b in zip(this, base, strict=False)]
+            print(f"flow-vae ({flow_type}, 10 flows, {args.threads} thread(s)), {what}/epoch: base median "
+                  f"{statistics.median(base):.3f}, this {statistics.median(this):.3f}; this / base per pair of "
+                  f"epochs: median {statistics.median(ratios):.3f} (range {min(ratios):.2f}-{max(ratios):.2f}, "
+                  f"{len(ratios)} pairs)", flush=True)
     return 0
 
 

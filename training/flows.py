@@ -112,7 +112,7 @@ class _FusedFlowsFunction(torch.autograd.Function):
         H = z.new_empty(N, S, K, 1)
         zs, hs = Z.unbind(2), H.unbind(2)  # views made in one call each, not one indexing per step
         for zk, z_next, hk, wk, uk in zip(zs, zs[1:], hs, wb.unbind(2), uh0.unbind(2), strict=False):
-            torch.tanh(torch.linalg.vecdot(zk, wk).unsqueeze(-1), out=hk)
+            torch.tanh((zk * wk).sum(-1, keepdim=True), out=hk)
             torch.addcmul(zk, uk, hk, out=z_next)
         H = H.squeeze(-1)
         det = 1.0 + (1.0 - H * H) * psi.unsqueeze(1)
@@ -136,7 +136,7 @@ class _FusedFlowsFunction(torch.autograd.Function):
         steps = zip(gs[1:], gs, gas, q.unsqueeze(-1).unbind(2), dh.unsqueeze(-1).unbind(2), wb.unbind(2),
                     uh0.unbind(2), strict=False)
         for gk, g_prev, ga, qk, dhk, wk, uk in reversed(list(steps)):  # flow k + 1: slot k -> slot k + 1
-            torch.addcmul(qk, torch.linalg.vecdot(gk, uk).unsqueeze(-1), dhk, out=ga)
+            torch.addcmul(qk, (gk * uk).sum(-1, keepdim=True), dhk, out=ga)
             torch.addcmul(gk, wk, ga, out=g_prev)
         GA = GA.squeeze(-1)
         g_psi = (gl * dh / det).sum(1).unsqueeze(-1)  # [N, K, 1]
