@@ -115,19 +115,19 @@ class _FusedFlowsFunction(torch.autograd.Function):
             torch.tanh((zk * wk).sum(-1, keepdim=True), out=hk)
             torch.addcmul(zk, uk, hk, out=z_next)
         H = H.squeeze(-1)
-        det = 1.0 + (1.0 - H * H) * psi.unsqueeze(1)
-        ctx.save_for_backward(u, w, uh, Z, H, psi, det, wb, uh0, wu, ww, sp, m_wu)
+        dh = 1.0 - H * H  # tanh'(a_k) [N, S, K]
+        det = 1.0 + dh * psi.unsqueeze(1)
+        ctx.save_for_backward(u, w, uh, Z, H, dh, psi, det, wb, uh0, wu, ww, sp, m_wu)
         return Z[..., K, :d].contiguous(), torch.log(torch.abs(det)).sum(-1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, g_log_det):
-        u, w, uh, Z, H, psi, det, wb, uh0, wu, ww, sp, m_wu = ctx.saved_tensors
+        u, w, uh, Z, H, dh, psi, det, wb, uh0, wu, ww, sp, m_wu = ctx.saved_tensors
         N, S, K1, d1 = Z.shape
         K, d = K1 - 1, d1 - 1
-        dh = 1.0 - H * H  # tanh'(a_k) [N, S, K]
-        gl = g_log_det.unsqueeze(-1)
-        q = -2.0 * gl * H * psi.unsqueeze(1) / det * dh  # log|D_k|'s share of dL/da_k
+        gl_det = g_log_det.unsqueeze(-1) * (dh / det)  # dL/d(log_det) times d log|D_k| / d psi_k
+        q = gl_det * H * (-2.0 * psi).unsqueeze(1)  # log|D_k|'s share of dL/da_k
         G = Z.new_empty(N, S, K + 1, d + 1)  # slot k: dL/dz_k (augmented; slot 0 is dL/dz_0)
         G[..., K, d] = 0.0
         G[..., K, :d] = g
@@ -139,9 +139,9 @@ class _FusedFlowsFunction(torch.autograd.Function):
             torch.addcmul(qk, (gk * uk).sum(-1, keepdim=True), dhk, out=ga)
             torch.addcmul(gk, wk, ga, out=g_prev)
         GA = GA.squeeze(-1)
-        g_psi = (gl * dh / det).sum(1).unsqueeze(-1)  # [N, K, 1]
-        g_uh = (G[..., 1:, :d] * H.unsqueeze(-1)).sum(1).addcmul_(g_psi, w)
-        g_wb = (Z[..., :K, :] * GA.unsqueeze(-1)).sum(1)  # [N, K, d + 1]: dL/dw and dL/db
+        g_psi = _sum_samples(gl_det).unsqueeze(-1)  # [N, K, 1]
+        g_uh = _sum_samples(G[..., 1:, :d] * H.unsqueeze(-1)).addcmul_(g_psi, w)
+        g_wb = _sum_samples(Z[..., :K, :] * GA.unsqueeze(-1))  # [N, K, d + 1]: dL/dw and dL/db
         g_w = g_wb[..., :d].addcmul(g_psi, uh)
         # through u_hat = u + c w, c = (m(a) - a) / ||w||^2, a = w^T u; m'(a) = sigmoid(a) where unclamped
         dm = torch.where(sp >= U_HAT_MARGIN, torch.sigmoid(wu), 0.0)
@@ -151,6 +151,11 @@ class _FusedFlowsFunction(torch.autograd.Function):
         g_u = torch.addcmul(g_uh, sa, w)
         g_w = g_w.addcmul_(c, g_uh).addcmul_(sa, u).addcmul_(-2.0 * s * c / ww, w)
         return G[..., 0, :d].contiguous(), g_u, g_w, g_wb[..., d]
+
+
+def _sum_samples(t: Tensor) -> Tensor:
+    """t summed over its sample axis (1); a view for one sample (the training case), no operator call."""
+    return t.squeeze(1) if t.shape[1] == 1 else t.sum(1)
 
 
 def fused_planar_flows(z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
