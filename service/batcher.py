@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -220,10 +221,17 @@ class GraphRunner:
             self.metrics.rejected.labels(**self._labels).inc()
             raise QueueFullError(self.model, self.role, self._queue.qsize())
         self._queue.put_nowait(item)
-        self._m_depth.inc()
         return await item.future
 
+    def waiting(self) -> int:
+        """Requests queued and not yet taken by a worker."""
+        return (self._queue.qsize() if self._queue is not None else 0) + len(self._carry)
+
     def start(self, workers: int) -> None:
+        # The queue-depth gauge reads the queue when /metrics renders rather than counting every request in
+        # and out; by a weak reference, so that a retired runner (and its session) can be freed.
+        ref = weakref.ref(self)
+        self._m_depth.set_function(lambda: runner.waiting() if (runner := ref()) is not None else 0)
         self._queue = asyncio.Queue()
         self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{self.model}-{self.role}-{i}")
                          for i in range(workers)]
@@ -255,7 +263,6 @@ class GraphRunner:
             item = await self._next_any(timeout)
             if item is None or not item.future.done():
                 return item
-            self._m_depth.dec()
 
     async def _next_any(self, timeout: float | None) -> _Item | None:
         if self._carry:
@@ -305,7 +312,6 @@ class GraphRunner:
         while True:
             batch = await self._collect()
             now = time.perf_counter()
-            self._m_depth.dec(len(batch))
             batch = [it for it in batch if not it.future.done()]  # the caller went away meanwhile
             if not batch:
                 self._busy -= 1

@@ -42,7 +42,24 @@ class Metrics:
         self.models_loaded = Gauge("latentserve_models_loaded", "models loaded and warmed up", registry=r)
         self.work_in_flight = Gauge("latentserve_work_in_flight", "rows of admitted work not yet answered, all "
                                     "endpoints together (the admission budget's use)", registry=r)
+        # (endpoint, model, status) -> its series (`record`); bounded as the label values are
+        self._children: dict[tuple[str, str, int], tuple] = {}
         self.models_broken = Gauge("latentserve_models_broken", "model folders skipped as broken", registry=r)
+
+    def record(self, endpoint: str, model: str, status: int, latency: float) -> None:
+        """One answered request: its count, latency and (4xx/5xx) error, by label values already bounded."""
+        key = (endpoint, model, status)
+        children = self._children.get(key)
+        if children is None:  # the label lookup, once per combination rather than once per request
+            code = str(status)
+            children = self._children[key] = (
+                self.requests.labels(endpoint, model, code), self.latency.labels(endpoint, model),
+                self.errors.labels(endpoint, model, code) if status >= 400 else None)
+        requests, latency_child, errors = children
+        requests.inc()
+        latency_child.observe(latency)
+        if errors is not None:
+            errors.inc()
 
     def model_label(self, name: str | None) -> str:
         if name is None:

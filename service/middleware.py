@@ -72,10 +72,7 @@ class RequestContextMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             model = self.metrics.model_label(state.get("model"))  # bounded: unknown names share one value
             code = status[0]
-            self.metrics.requests.labels(endpoint, model, str(code)).inc()
-            self.metrics.latency.labels(endpoint, model).observe(latency)
-            if code >= 400:
-                self.metrics.errors.labels(endpoint, model, str(code)).inc()
+            self.metrics.record(endpoint, model, code, latency)
             if access_log.isEnabledFor(logging.INFO):
                 record: dict[str, Any] = {
                     "event": "request", "request_id": rid, "method": scope.get("method"),

@@ -55,7 +55,8 @@ class OIPErrorMiddleware:
             nonlocal held
             if message["type"] == "http.response.start":
                 headers = message.get("headers", [])
-                if any(k.lower() == b"content-type" and v.startswith(_PROBLEM) for k, v in headers):
+                if message["status"] >= 400 and any(k.lower() == b"content-type" and v.startswith(_PROBLEM)
+                                                    for k, v in headers):
                     held = message
                     return
             elif held is not None and message["type"] == "http.response.body":

@@ -125,3 +125,41 @@ def test_per_request_error_isolation(model_repo):
     for g, res in zip(good, oks, strict=True):
         assert isinstance(res, dict)
         np.testing.assert_array_equal(res["mean"], session.run(["mean"], {"x": g})[0])
+
+
+def test_queue_depth_gauge_reads_the_queue_and_lets_a_retired_runner_go(model_repo):
+    """latentserve_queue_depth is read from the queue when /metrics renders; it holds no runner alive."""
+    import gc
+    import threading
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnxruntime as ort
+
+    settings = settings_for(model_repo, max_queue_delay_ms=0.0, max_batch_size=1)
+    session = ort.InferenceSession(str(model_repo / "ppca-digits" / "encoder.onnx"), session_options(settings))
+    metrics, gate = Metrics(), threading.Event()
+
+    def depth() -> float:
+        return metrics.registry.get_sample_value("latentserve_queue_depth", {"model": "ppca-digits",
+                                                                             "graph": "encoder"})
+
+    async def go():
+        executor = ThreadPoolExecutor(1)
+        executor.submit(gate.wait)  # the inference thread is busy: what is queued stays queued
+        runner = GraphRunner("ppca-digits", "encoder", session, settings=settings, executor=executor,
+                             metrics=metrics, max_cost=1)  # one request per call
+        runner.start(1)
+        tasks = [asyncio.ensure_future(runner.run({"x": np.zeros((1, 64), np.float32)})) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        queued = depth()  # one taken by the worker (waiting for the thread), four queued
+        gate.set()
+        await asyncio.gather(*tasks)
+        after = depth()
+        await runner.stop()
+        return queued, after, weakref.ref(runner)
+
+    queued, after, ref = asyncio.run(go())
+    gc.collect()
+    assert (queued, after) == (4, 0)
+    assert ref() is None and depth() == 0
