@@ -57,6 +57,16 @@ def _spread(xs: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{mean:.2f}"
 
 
+def _gaps(results: dict, seeds: list[int]) -> str:
+    """Per seed, how much better the flow-VAE's test NLL is than the VAE's (when both ran)."""
+    both = [seed for seed in seeds if ("vae", seed) in results and ("flow-vae", seed) in results]
+    if not both:
+        return ""
+    gaps = [results[("flow-vae", s)]["test_log_likelihood"] - results[("vae", s)]["test_log_likelihood"] for s in both]
+    return ("\n\nflow-VAE better than the VAE by (test NLL, per seed): "
+            + ", ".join(f"seed {s}: {g:.2f}" for s, g in zip(both, gaps, strict=True)) + " nats.")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -69,16 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="fits at a time; with more than 1, each runs in a subprocess with one torch thread")
     p.add_argument("--no-record", action="store_true", help="print only, do not write docs/benchmarks.md")
+    p.add_argument("--reuse", action="store_true", help="report the runs already in --runs-dir instead of refitting")
     args = p.parse_args(argv)
 
     runs_dir = args.runs_dir.resolve()
     jobs = [(model, seed) for model in args.models for seed in args.seeds]
-    if args.jobs > 1:  # one torch thread per fit, `jobs` fits at a time
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {job: pool.submit(run, *job, runs_dir / f"{job[0]}-seed{job[1]}", extra, 1) for job in jobs}
-            results = {job: f.result() for job, f in futures.items()}
-    else:
-        results = {job: run(*job, runs_dir / f"{job[0]}-seed{job[1]}", extra) for job in jobs}
+
+    def one(job: tuple[str, int]) -> dict:
+        out = runs_dir / f"{job[0]}-seed{job[1]}"
+        if args.reuse and (out / "metrics.json").is_file():
+            return read_json(out / "metrics.json")
+        return run(*job, out, extra, 1 if args.jobs > 1 else None)
+
+    # more than one job: one torch thread per fit, `jobs` fits at a time
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        results = dict(zip(jobs, pool.map(one, jobs), strict=True))
     rows, summary = [], []
     for model in args.models:
         nll, elbo, secs = [], [], []
@@ -87,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             nll.append(-m["test_log_likelihood"])
             elbo.append(m["test_elbo"])
             secs.append(m["seconds"])
-            rows.append([model, seed, f"{-m['test_log_likelihood']:.2f}", f"{m['test_elbo']:.2f}",
+            valid = m.get("valid_log_likelihood")
+            rows.append([model, seed, f"{-m['test_log_likelihood']:.2f}",
+                         f"{-valid:.2f}" if valid is not None else "-", f"{m['test_elbo']:.2f}",
                          f"{m['train_elbo']:.2f}", f"{m['valid_elbo']:.2f}", m["best_epoch"], m["epochs"],
                          f"{m['seconds']:.0f}", f"{m['seconds_per_epoch']:.2f}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
@@ -100,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
             + (f" plus `{' '.join(extra)}`" if extra else "") + ".\n\n"
             + table(["model", "test NLL (mean ± sd)", "range", "test ELBO", "train s (mean)"], summary)
             + "\n\nPer run:\n\n"
-            + table(["model", "seed", "test NLL", "test ELBO", "train ELBO", "valid ELBO", "best epoch", "epochs",
-                     "train s", "s/epoch"], rows))
+            + table(["model", "seed", "test NLL", "valid NLL", "test ELBO", "train ELBO", "valid ELBO", "best epoch",
+                     "epochs", "train s", "s/epoch"], rows)
+            + _gaps(results, args.seeds))
     publish(args.title, body, module="bench.vae_quality", save=not args.no_record)
 
 
