@@ -19,22 +19,14 @@ import argparse
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from training import plots, progress
-from training.common import (
-    METRICS,
-    bits_figures,
-    resolve_device,
-    run_meta,
-    save_checkpoint,
-    seed_everything,
-    write_json,
-)
+from training import common, plots, progress
+from training.common import METRICS, bits_figures, run_meta, save_checkpoint, seed_everything, write_json
 from training.config import FitJob, option
 from training.data import ImageData
 from training.distributed import Dist, single
@@ -43,14 +35,19 @@ from training.shards import local, reopen_dataset, row_fetcher
 from training.vae import ACTIVATIONS, FLOW_TYPES, LAYERS, LIKELIHOODS, VAE, VAEConfig
 from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, objective_rows, train_epoch
 
-# K by kind when --flows is not given: 10 planar flows, the peers' setting, against which the quality models
-# of docs/benchmarks.md were compared.
-DEFAULT_FLOWS = {"vae": 0, "flow-vae": 10}
-# KL warm-up epochs by kind when --warmup-epochs is not given: 100 each, the quality models' setting; a flow-VAE
-# may want its own (a KL schedule per model kind), set from validation figures.
-DEFAULT_KL_WARMUP = {"vae": 100.0, "flow-vae": 100.0}
+# Each kind's recipe where the kinds differ: a setting left None (not given) takes its kind's value here, chosen on
+# validation figures (docs/benchmarks.md, "VAE fit options (issue 20)"). A gated epoch costs about 1.5 plain ones:
+# the flow-VAE's 400 gated epochs take the time of 600 plain. 10 planar flows are the peers' setting.
+KIND_DEFAULTS: dict[str, dict[str, object]] = {
+    "vae": {"flows": 0, "layer": "plain", "epochs": 600, "warmup_epochs": 100.0},
+    "flow-vae": {"flows": 10, "layer": "gated", "epochs": 400, "warmup_epochs": 100.0},
+}
 ELBO_SAMPLES = 10  # S for the reported ELBOs (train / valid / test): a lower-variance MC estimate
 VALID_SAMPLES = 4  # S per validation row for model selection each epoch (the same eps every epoch)
+
+
+def _by_kind(name: str) -> str:
+    return ", ".join(f"{recipe[name]} for {kind}" for kind, recipe in KIND_DEFAULTS.items())
 
 
 @dataclass(frozen=True)
@@ -64,18 +61,18 @@ class VAEFit:
                                                     "reversed)", type=int, nargs="+")
     activation: str = option(VAEConfig.activation, "hidden-layer activation (none: for --layer gated)",
                              choices=sorted(ACTIVATIONS))
-    flows: int | None = option(None, "K planar flows (default: {})".format(
-        ", ".join(f"{k} for {kind}" for kind, k in DEFAULT_FLOWS.items())), type=int)
+    flows: int | None = option(None, "K planar flows (default: {})".format(_by_kind("flows")), type=int)
     flow_type: str = option(VAEConfig.flow_type, "amortized: flow parameters per image from the encoder; global: "
                             "shared parameters", choices=FLOW_TYPES)
-    layer: str = option(VAEConfig.layer, "hidden layers. plain: Linear + activation (the quality models'); residual: "
-                        "h + act(Linear(h)) where the width stays; gated: act(Linear(h)) * sigmoid(Linear_g(h)), "
-                        "the VampPrior code's GatedDense (there with --activation none)", choices=LAYERS)
+    layer: str | None = option(None, "hidden layers. plain: Linear + activation; residual: h + act(Linear(h)) where "
+                               "the width stays; gated: act(Linear(h)) * sigmoid(Linear_g(h)), the VampPrior code's "
+                               "GatedDense (there with --activation none). Default: {}".format(_by_kind("layer")),
+                               choices=LAYERS)
     likelihood: str | None = option(None, "p(x|z) (default: bernoulli for binary data, gaussian otherwise)",
                                     choices=LIKELIHOODS)
     var_floor: float = option(VAEConfig.var_floor, "gaussian: lower bound on the pixel variance")
-    epochs: int = option(600, "maximum epochs (after 300 the validation ELBO still rose; docs/benchmarks.md, VAE "
-                         "quality)")
+    epochs: int | None = option(None, "maximum epochs (default: {}; after 300 plain epochs the validation ELBO "
+                                "still rose; docs/benchmarks.md, VAE quality)".format(_by_kind("epochs")), type=int)
     batch_size: int = option(100, "rows per Adam step (the peers' batch size); under torchrun the global batch, "
                              "a multiple of the ranks")
     lr: float = option(1e-3, "Adam learning rate (Adam's usual rate; the cosine schedule decays it)")
@@ -88,8 +85,7 @@ class VAEFit:
                                  "overfitting 3,600 rows")
     warmup_epochs: float | None = option(None, "KL warm-up: the weight beta of log p(z) - log q(z|x) rises from 0 "
                                          "to 1 over these epochs (fewer inactive latent units). Default by kind: {} "
-                                         "(the quality models')".format(", ".join(
-                                             f"{e:g} for {kind}" for kind, e in DEFAULT_KL_WARMUP.items())),
+                                         "(the quality models')".format(_by_kind("warmup_epochs")),
                                          type=float)
     kl_schedule: str = option("linear", "shape of the KL warm-up: linear, or cosine (beta = (1 - cos(pi t)) / 2: "
                               "slower at both ends). linear is the quality models'", choices=KL_SCHEDULES)
@@ -116,8 +112,14 @@ class VAEFit:
 Options = VAEFit
 
 
+def for_kind(fit: VAEFit, kind: str) -> VAEFit:
+    """`fit` with every setting left None that the kind's recipe sets (KIND_DEFAULTS) set to its kind's value."""
+    return replace(fit, **{name: value for name, value in KIND_DEFAULTS[kind].items() if getattr(fit, name) is None})
+
+
 def _config(kind: str, fit: VAEFit, data: ImageData) -> VAEConfig:
-    flows = DEFAULT_FLOWS[kind] if fit.flows is None else fit.flows
+    fit = for_kind(fit, kind)
+    flows = fit.flows
     if kind == "vae" and flows != 0:
         raise ValueError(f"--model vae has no flows, got --flows {flows}; use --model flow-vae")
     if kind == "flow-vae" and flows < 1:
@@ -136,8 +138,8 @@ def _config(kind: str, fit: VAEFit, data: ImageData) -> VAEConfig:
 
 
 def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> dict:
-    args: VAEFit = job.model
     kind, run = job.kind, job.run
+    args: VAEFit = for_kind(job.model, kind)
     if len(data.valid) == 0:
         raise ValueError("vae training selects its epoch on validation rows: use --valid-fraction > 0")
     dist = dist or single(run.device)
@@ -169,7 +171,7 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
     batches = GlobalBatches(n, B, dist, run.seed)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
-    kl_warmup = DEFAULT_KL_WARMUP[kind] if args.warmup_epochs is None else args.warmup_epochs
+    kl_warmup = args.warmup_epochs
     forward = dist.wrap(LogWeightTerms(model))
     opt = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     schedule = Schedule(lr=args.lr, lr_schedule=args.lr_schedule, total_steps=total_steps,
@@ -326,7 +328,7 @@ def evaluate(ckpt: dict, *, samples: int, seed: int, device: str) -> dict:
     model = build_model(ckpt)
     meta = ckpt["meta"]
     data = reopen_dataset(meta)
-    figures = _figures(model, data, S=samples, chunk=VAEFit.chunk, seed=seed, device=resolve_device(device),
+    figures = _figures(model, data, S=samples, chunk=VAEFit.chunk, seed=seed, device=common.resolve_device(device),
                        splits=("test",))
     return {
         "model": ckpt["kind"],

@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -169,9 +170,18 @@ def test_recipe_options_reject_bad_values(tmp_path, capsys):
 
 
 def test_the_kl_warm_up_defaults_by_kind(tmp_path, monkeypatch):
-    monkeypatch.setitem(train_vae.DEFAULT_KL_WARMUP, "flow-vae", 7.0)
+    monkeypatch.setitem(train_vae.KIND_DEFAULTS["flow-vae"], "warmup_epochs", 7.0)
     data = load_dataset("digits")
     train_vae.fit(_job(epochs=1), data, tmp_path / "default")
     assert load_checkpoint(tmp_path / "default")["meta"]["training"]["warmup_epochs"] == 7.0
     train_vae.fit(_job(epochs=1, warmup_epochs=3.0), data, tmp_path / "given")
     assert load_checkpoint(tmp_path / "given")["meta"]["training"]["warmup_epochs"] == 3.0
+
+
+def test_each_kind_takes_its_recipe_and_given_settings_win():
+    fit = train_vae.VAEFit()
+    assert train_vae.for_kind(fit, "flow-vae") == replace(fit, flows=10, layer="gated", epochs=400, warmup_epochs=100.0)
+    assert train_vae.for_kind(fit, "vae") == replace(fit, flows=0, layer="plain", epochs=600, warmup_epochs=100.0)
+    given = train_vae.VAEFit(layer="residual", epochs=7)
+    resolved = train_vae.for_kind(given, "flow-vae")
+    assert (resolved.layer, resolved.epochs, resolved.flows) == ("residual", 7, 10)
