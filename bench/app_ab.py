@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.servers import ab_parser
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,13 +106,9 @@ async def _worker(models_dir: Path, model: str, requests: int, clients: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", type=Path, required=True, help="the other checkout (e.g. the code before a change)")
-    p.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    p.add_argument("--model", default="vae-mnist")
+    p = ab_parser(__doc__.split("\n")[0], ROOT / "models")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--requests", type=int, default=6400, help="requests per cell")
-    p.add_argument("--clients", type=int, default=64)
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: serve cells for this checkout
     args = p.parse_args(argv)

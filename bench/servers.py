@@ -54,3 +54,15 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def ab_parser(description: str, default_models_dir: Path):
+    """The arguments every this-against-another-checkout bench takes: --base, --models-dir, --model, --clients."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--base", type=Path, required=True, help="the other checkout (e.g. the code before a change)")
+    p.add_argument("--models-dir", type=Path, default=default_models_dir)
+    p.add_argument("--model", default="vae-mnist")
+    p.add_argument("--clients", type=int, default=64, help="concurrent clients")
+    return p

@@ -10,7 +10,6 @@ the server process's CPU per request (user + system, from /proc); the ratios are
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import statistics
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bodies import image_parts, multipart, multipart_type
-from bench.servers import cpu_seconds, free_port, wait_ready
+from bench.servers import ab_parser, cpu_seconds, free_port, wait_ready
 from bench.service_load import wrk_post
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +38,9 @@ def _start(cwd: Path, models_dir: Path, model: str) -> tuple[subprocess.Popen, i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", type=Path, required=True, help="the other checkout (e.g. the code before a change)")
-    p.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    p.add_argument("--model", default="vae-mnist")
+    p = ab_parser(__doc__.split("\n")[0], ROOT / "models")
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--seconds", type=float, default=5.0, help="per cell")
-    p.add_argument("--clients", type=int, default=64)
     args = p.parse_args(argv)
     from PIL import Image
 
