@@ -38,6 +38,8 @@ RUNS: dict[str, tuple[str, list[str], str]] = {
     "s6-klcos": ("flow-vae", [*SHORT, *PLAIN, "--kl-schedule", "cosine"], "cosine KL warm-up"),
     "s7-k20wu": ("flow-vae", [*SHORT, *PLAIN, "--flows", "20", "--lr-warmup-epochs", "10"],
                  "20 flows (with a 10-epoch learning-rate warm-up)"),
+    "s9-gated-lrwu": ("flow-vae", [*SHORT, "--layer", "gated", "--lr-warmup-epochs", "10"],
+                      "gated layers and a 10-epoch learning-rate warm-up together"),
     "v1-vae300": ("vae", SHORT, "the VAE's recipe at 300 epochs (reference of the v rows)"),
     "v2-vaegated300": ("vae", [*SHORT, "--layer", "gated"], "the VAE with gated hidden layers"),
     "fv-e1000p0": ("flow-vae", ["--epochs", "1000", "--patience", "0", *PLAIN], "1,000 plain epochs instead of 600"),
