@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, m in results.items():
         model, options, what = RUNS[name]
         valid = m.get("valid_log_likelihood")
-        ref = refs.get(name[0])
+        ref = refs.get(name[0]) if name[1].isdigit() else None  # screening rows only
         delta = f"{valid - ref:+.2f}" if valid is not None and ref is not None else "-"
         shown = f"{valid:.2f}" + ("*" if m.get("valid_from_checkpoint") else "")
         rows.append([name, model, what, f"`{' '.join(options)}`", shown, delta,
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
             "delta: against `s0-base300` (s rows) or `v1-vae300` (v rows); *: computed afterwards from the run's "
             "checkpoint by the fit's own "
             "function (a run by code that did not write it yet). Test NLL: -(the same bound on the 1,000 test rows), "
-            "not used to choose.\n\n"
+            "not used to choose. train s: wall seconds, with up to four other fits sharing the two cores at nice "
+            "19: not a cost figure (a gated epoch costs about 1.5 plain ones; k = 5 about 3).\n\n"
             + table(["run", "model", "what", "options", "valid IW bound", "delta", "test NLL", "best epoch", "epochs",
                      "train s"], rows))
     publish("VAE fit options (issue 20), one seed", body, module="bench.vae_options", save=not args.no_record)
