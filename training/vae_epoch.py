@@ -21,6 +21,7 @@ grows. During the KL warm-up the log-weights are log p(x|z) + beta (log p(z) - l
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 
@@ -104,7 +105,11 @@ def train_epoch(forward: nn.Module, opt: torch.optim.Optimizer, fetch: Callable[
             u = torch.rand((n_step, x.shape[1]), generator=gen, dtype=x.dtype, device=x.device)
             x = (u[place] < x).to(x.dtype)
         eps = torch.randn((n_step, k, latent_dim), generator=gen, dtype=x.dtype, device=x.device)[place]
-        log_px_z, log_pz, log_q0, log_det = forward(x, eps)
+        if batches.dist.enabled:  # DDP's forward communicates too (the buckets' rebuild after the first step)
+            terms = batches.dist.collective("the forward pass's synchronisation", functools.partial(forward, x, eps))
+        else:
+            terms = forward(x, eps)
+        log_px_z, log_pz, log_q0, log_det = terms
         kl_part = log_pz - log_q0 + log_det  # per sample, an estimate of -KL(q(z_K|x) || p(z_K))
         lr, beta = schedule(step) if schedule is not None else (None, 1.0)
         if lr is not None:

@@ -127,11 +127,9 @@ def test_per_request_error_isolation(model_repo):
         np.testing.assert_array_equal(res["mean"], session.run(["mean"], {"x": g})[0])
 
 
-def test_queue_depth_gauge_reads_the_queue_and_lets_a_retired_runner_go(model_repo):
-    """latentserve_queue_depth is read from the queue when /metrics renders; it holds no runner alive."""
-    import gc
+def test_queue_depth_gauge_reads_the_queue(model_repo):
+    """latentserve_queue_depth is read from the queue when /metrics renders."""
     import threading
-    import weakref
     from concurrent.futures import ThreadPoolExecutor
 
     import onnxruntime as ort
@@ -157,9 +155,6 @@ def test_queue_depth_gauge_reads_the_queue_and_lets_a_retired_runner_go(model_re
         await asyncio.gather(*tasks)
         after = depth()
         await runner.stop()
-        return queued, after, weakref.ref(runner)
+        return queued, after
 
-    queued, after, ref = asyncio.run(go())
-    gc.collect()
-    assert (queued, after) == (4, 0)
-    assert ref() is None and depth() == 0
+    assert asyncio.run(go()) == (4, 0)
