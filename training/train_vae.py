@@ -118,7 +118,7 @@ def for_kind(fit: VAEFit, kind: str) -> VAEFit:
 
 
 def _config(kind: str, fit: VAEFit, data: ImageData) -> VAEConfig:
-    fit = for_kind(fit, kind)
+    """The model's config from settings already resolved for `kind` (`for_kind`, done once by `fit`)."""
     flows = fit.flows
     if kind == "vae" and flows != 0:
         raise ValueError(f"--model vae has no flows, got --flows {flows}; use --model flow-vae")
