@@ -1,6 +1,6 @@
 """Seconds per training epoch of the VAE and the planar-flow VAE with the peers' architecture, side by side.
 
-    .venv/bin/python -m bench.vae_speed [--rounds 3] [--epochs 3] [--threads 1 2]
+    .venv/bin/python -m bench.vae_speed [--rounds 3] [--epochs 3] [--threads 1 2] [--precision fp32 bf16]
 
 Architecture as the peers': encoder 784-512-80, decoder 40-512-784, 10 planar flows, Adam, batch 100,
 4,000 binarized mnist5k training images (a fresh binarization each epoch, as `fit` does). The peers'
@@ -10,7 +10,8 @@ model; "flow-vae (amortized)" is this project's default, whose encoder has K (2d
 `training.vae_epoch.train_epoch` does in one process, the binarization included. The three models are built
 and warmed up once; then each round times `--epochs` epochs of each model at each thread count in turn, so
 the machine's drift shows in every row alike, and each flow model's time is also given as a ratio to the
-VAE's in the same round. Prints and records a section in docs/benchmarks.md.
+VAE's in the same round. `--precision bf16` adds rows trained as `fit --precision bf16` does (the encoder's and
+decoder's products in bfloat16 under autocast). Prints and records a section in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from bench.report import publish, table
 from training.data import mnist5k_raw, mnist5k_split
 from training.distributed import Dist
-from training.train_vae import make_optimizer
+from training.train_vae import PRECISIONS, make_optimizer
 from training.vae import VAE, VAEConfig
 from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
 
@@ -36,12 +37,13 @@ MODELS = (("vae", 0, "amortized"), ("flow-vae (10 global planar flows)", 10, "gl
 class Trainer:
     """One model, optimizer and data stream, trained epoch after epoch."""
 
-    def __init__(self, flows: int, flow_type: str = "amortized", seed: int = 0):
+    def __init__(self, flows: int, flow_type: str = "amortized", seed: int = 0, precision: str = "fp32"):
         torch.manual_seed(seed)
         self.probs = torch.as_tensor(mnist5k_raw()[mnist5k_split()[0]], dtype=torch.float32)  # 4000 rows
         cfg = VAEConfig(data_dim=784, latent_dim=40, encoder_hidden=(512,), decoder_hidden=(512,), flows=flows,
                         flow_type=flow_type)
         self.model = VAE(cfg).train()
+        self.model.mlp_dtype = PRECISIONS[precision]
         self.opt = make_optimizer(self.model, lr=1e-3, weight_decay=0.0)
         self.gen = torch.Generator().manual_seed(seed)
         self.batches = GlobalBatches(len(self.probs), 100, Dist(), seed)
@@ -69,10 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3, help="epochs per model, thread count and round (median taken)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values to time")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=tuple(PRECISIONS),
+                   help="training precisions to time (`fit --precision`)")
     p.add_argument("--no-record", action="store_true", help="print only, do not write docs/benchmarks.md")
     args = p.parse_args(argv)
     loads = [os.getloadavg()[0]]
-    trainers = {name: Trainer(flows, flow_type) for name, flows, flow_type in MODELS}
+    trainers = {(name if precision == "fp32" else f"{name}, {precision}"):
+                Trainer(flows, flow_type, precision=precision)
+                for precision in args.precision for name, flows, flow_type in MODELS}
     for trainer in trainers.values():
         trainer.run_epoch()  # warm-up
     med: dict[tuple[str, int], list[float]] = {(name, t): [] for name in trainers for t in args.threads}

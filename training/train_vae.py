@@ -36,12 +36,15 @@ from training.vae import ACTIVATIONS, FLOW_TYPES, LAYERS, LIKELIHOODS, VAE, VAEC
 from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, objective_rows, train_epoch
 
 # Each kind's recipe where the kinds differ: a setting left None (not given) takes its kind's value here, chosen on
-# validation figures (docs/benchmarks.md, "VAE fit options (issue 20)"). A gated epoch costs about 1.5 plain ones:
-# the flow-VAE's 400 gated epochs take the time of 600 plain. 10 planar flows are the peers' setting.
+# validation figures (docs/benchmarks.md, "VAE fit options (issue 20)"), within 10 minutes of one core. bf16 products
+# make a gated epoch about 0.7 of a float32 one, paying for the flow-VAE's longer schedule; they cost the plain VAE
+# a seed's bound, so it stays float32. 10 planar flows are the peers' setting.
 KIND_DEFAULTS: dict[str, dict[str, object]] = {
-    "vae": {"flows": 0, "layer": "plain", "epochs": 600, "warmup_epochs": 100.0},
-    "flow-vae": {"flows": 10, "layer": "gated", "epochs": 400, "warmup_epochs": 100.0},
+    "vae": {"flows": 0, "layer": "plain", "epochs": 1000, "warmup_epochs": 100.0, "precision": "fp32"},
+    "flow-vae": {"flows": 10, "layer": "gated", "epochs": 700, "warmup_epochs": 100.0, "precision": "bf16"},
 }
+# `--precision`: the dtype of the encoder's and decoder's matrix products in training steps (None: float32).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 ELBO_SAMPLES = 10  # S for the reported ELBOs (train / valid / test): a lower-variance MC estimate
 VALID_SAMPLES = 4  # S per validation row for model selection each epoch (the same eps every epoch)
 
@@ -94,14 +97,19 @@ class VAEFit:
                             "importance-weighted bound (Burda et al. 2016), tighter as k grows", choices=OBJECTIVES)
     k: int = option(1, "samples per training row for --objective (each step costs about k times more in the "
                     "decoder). 1: the quality models' one-sample ELBO")
-    patience: int = option(30, "stop after this many epochs without a better validation ELBO (IW bound with "
-                           "iwae; 0: never)")
+    patience: int = option(0, "stop after this many epochs without a better validation ELBO (IW bound with "
+                           "iwae). 0: never, as the quality models: under the cosine schedule the best epoch is near "
+                           "the end, and the validation curve can stall for 30 epochs or more while the rate is high")
     dynamic_binarization: bool | None = option(None, "re-binarize the continuous training rows each epoch (default: "
                                                "on when they exist: less overfitting than one fixed binarization)",
                                                action=argparse.BooleanOptionalAction)
     eval_samples: int = option(1000, "S for the validation and test importance-weighted log-likelihoods in "
                                "metrics.json (the benchmark's S)")
     chunk: int = option(50_000, "(row, sample) pairs per pass when evaluating (bounds the memory of a pass)")
+    precision: str | None = option(None, "training steps' encoder and decoder products: fp32, or bf16 (bfloat16 "
+                                   "under autocast, about half the matrix time on CPUs with AVX512-BF16 or AMX, and "
+                                   "on GPUs; parameters, optimizer, flows, densities, validation and evaluation stay "
+                                   "float32). Default: {}".format(_by_kind("precision")), choices=tuple(PRECISIONS))
     threads: int = option(1, "torch CPU threads (0: torch's default). At batch 100 a second thread gains little, and "
                           "on a busy machine OpenMP threads waiting on each other slow training down tens of times "
                           "(see docs/benchmarks.md)")
@@ -152,6 +160,7 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
         torch.set_num_threads(args.threads)
     cfg = _config(kind, args, data)
     model = VAE(cfg).to(device)
+    model.mlp_dtype = PRECISIONS[args.precision]
     dynamic = args.dynamic_binarization
     if dynamic is None:
         dynamic = data.train_probs is not None and cfg.likelihood == "bernoulli"
@@ -224,7 +233,8 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
         "epochs": args.epochs, "epochs_run": epoch, "best_epoch": best["epoch"], "batch_size": B,
         "lr": args.lr, "lr_schedule": args.lr_schedule, "lr_warmup_epochs": args.lr_warmup_epochs,
         "weight_decay": args.weight_decay, "warmup_epochs": kl_warmup, "kl_schedule": args.kl_schedule,
-        "objective": args.objective, "k": args.k, "patience": args.patience, "dynamic_binarization": dynamic,
+        "objective": args.objective, "k": args.k, "precision": args.precision, "patience": args.patience,
+        "dynamic_binarization": dynamic,
         "optimizer": type(opt).__name__, "seed": run.seed, "device": str(device), **dist.record(),
         "threads": torch.get_num_threads(), "seconds": seconds,
     }

@@ -103,6 +103,19 @@ class VAE(nn.Module):
         self.decoder = mlp([d, *c.decoder_hidden, D * (2 if c.likelihood == "gaussian" else 1)], c.activation,
                            c.layer)
         self.global_flows = GlobalPlanarFlows(d, K) if K > 0 and c.flow_type == "global" else None
+        # Training may run the encoder's and decoder's matrix products in a lower precision (`fit --precision
+        # bf16`): a setting of the fit, not of the model, so not in the config. Only in training mode.
+        self.mlp_dtype: torch.dtype | None = None
+
+    def _mlp(self, net: nn.Sequential, x: Tensor) -> Tensor:
+        """net(x), under autocast to `mlp_dtype` when training with one. The output is cast back to float32, so
+        everything after the two networks (reparametrization, flows, densities, the sums over pixels) stays
+        float32: only the hidden layers' products and activations lose precision."""
+        if self.mlp_dtype is None or not self.training:
+            return net(x)
+        with torch.autocast(x.device.type, dtype=self.mlp_dtype):
+            out = net(x)
+        return out.float()
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -128,7 +141,7 @@ class VAE(nn.Module):
     def _encode(self, x: Tensor, raw_u: bool = False):
         """As encode; with raw_u, amortized flows give the encoder's raw u rather than u_hat."""
         d, K = self.config.latent_dim, self.config.flows
-        h = self.encoder(x)
+        h = self._mlp(self.encoder, x)
         if self.amortized:
             # one split (one autograd node) rather than five slices
             mean, log_var, u, w, b = h.split([d, d, K * d, K * d, K], dim=1)
@@ -146,7 +159,7 @@ class VAE(nn.Module):
         return self._decode(z)
 
     def _decode(self, z: Tensor):
-        out = self.decoder(z)
+        out = self._mlp(self.decoder, z)
         if self.config.likelihood == "bernoulli":
             return out, None
         D = self.config.data_dim

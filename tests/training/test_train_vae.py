@@ -86,8 +86,8 @@ def test_flow_count_must_match_the_kind(tmp_path, capsys):
     ["--model", "flow-vae", "--flows", "2", "--objective", "iwae", "--k", "3", "--layer", "gated",
      "--lr-warmup-epochs", "1"],
     ["--model", "vae", "--layer", "residual", "--activation", "none", "--objective", "elbo", "--k", "2",
-     "--warmup-epochs", "1", "--kl-schedule", "cosine"],
-], ids=["flow-vae-iwae-gated", "vae-elbo-k2-residual"])
+     "--warmup-epochs", "1", "--kl-schedule", "cosine", "--precision", "bf16"],
+], ids=["flow-vae-iwae-gated", "vae-elbo-k2-residual-bf16"])
 def test_fit_options_train_export_and_serve(tmp_path, options):
     """A fit with the recipe options writes their settings and the validation bound, its ONNX graphs pass the
     export's parity check, and the service serves them: /log-likelihood equals the torch model on the same eps."""
@@ -115,6 +115,7 @@ def test_fit_options_train_export_and_serve(tmp_path, options):
     assert training["lr_warmup_epochs"] == float(given.get("--lr-warmup-epochs", 0))
     assert training["warmup_epochs"] == float(given.get("--warmup-epochs", 100))  # both kinds' default: 100
     assert training["kl_schedule"] == given.get("--kl-schedule", "linear")
+    assert training["precision"] == "bf16"  # given for the vae, the flow-vae's default
     valid_curve = "valid ELBO" if given["--objective"] == "elbo" else "valid IW bound (S=4)"
     assert len(ckpt["meta"]["history"][valid_curve]) == 2
     model = train_vae.build_model(ckpt)  # checkpoint round trip
@@ -180,8 +181,10 @@ def test_the_kl_warm_up_defaults_by_kind(tmp_path, monkeypatch):
 
 def test_each_kind_takes_its_recipe_and_given_settings_win():
     fit = train_vae.VAEFit()
-    assert train_vae.for_kind(fit, "flow-vae") == replace(fit, flows=10, layer="gated", epochs=400, warmup_epochs=100.0)
-    assert train_vae.for_kind(fit, "vae") == replace(fit, flows=0, layer="plain", epochs=600, warmup_epochs=100.0)
+    assert train_vae.for_kind(fit, "flow-vae") == replace(fit, flows=10, layer="gated", epochs=700, warmup_epochs=100.0,
+                                                          precision="bf16")
+    assert train_vae.for_kind(fit, "vae") == replace(fit, flows=0, layer="plain", epochs=1000, warmup_epochs=100.0,
+                                                     precision="fp32")
     given = train_vae.VAEFit(layer="residual", epochs=7)
     resolved = train_vae.for_kind(given, "flow-vae")
     assert (resolved.layer, resolved.epochs, resolved.flows) == ("residual", 7, 10)

@@ -177,6 +177,35 @@ def test_training_flows_equal_the_reference_path_in_values_and_gradients(flow_ty
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
 
+def test_bf16_products_run_only_in_training_and_stay_near_float32():
+    # fit --precision bf16: the encoder's and decoder's products under autocast in train mode only; the terms and
+    # gradients stay float32 and near the float32 model's, evaluation and export are untouched
+    torch.manual_seed(0)
+    cfg = VAEConfig(data_dim=64, latent_dim=4, encoder_hidden=(32,), decoder_hidden=(32,), flows=2, layer="gated")
+    ref = VAE(cfg)
+    low = VAE(cfg)
+    low.load_state_dict(ref.state_dict())
+    low.mlp_dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(32, 64, generator=gen) < 0.4).float()
+    eps = torch.randn(32, 2, 4, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(ref.eval().log_weights(x, eps), low.eval().log_weights(x, eps))
+    ref.train(), low.train()
+    grads = []
+    for model in (ref, low):
+        terms = model.log_weight_terms(x, eps)
+        grads.append((terms, torch.autograd.grad(sum(t.sum() for t in terms), list(model.parameters()))))
+    (t_ref, g_ref), (t_low, g_low) = grads
+    assert not torch.equal(t_ref[0], t_low[0])  # the products did run in bfloat16
+    for a, b in zip(t_ref, t_low, strict=True):
+        assert b.dtype == torch.float32
+        assert ((b - a).abs() <= 0.02 * a.abs() + 0.05).all()
+    flat_ref, flat_low = torch.cat([g.flatten() for g in g_ref]), torch.cat([g.flatten() for g in g_low])
+    assert all(g.dtype == torch.float32 for g in g_low)
+    assert torch.nn.functional.cosine_similarity(flat_ref, flat_low, dim=0) > 0.99
+
+
 def test_inputs_are_checked_with_expected_and_got():
     model = _model()
     with pytest.raises(ValueError, match=r"expected x of shape \[N, 12\], got \(4, 10\)"):
