@@ -105,7 +105,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._reading_head, self._head_bytes = False, 0
         self._disarm()
         self._body_started = self.loop.time()
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not previous:  # a new request's cycle (not an upgrade)
+            self.cycle.transport = HeadWithBody(self.transport, self.cycle)
 
     def on_message_complete(self) -> None:
         self._reading_head, self._head_bytes, self._head_started = True, 0, None
@@ -164,6 +167,48 @@ class GuardedProtocol(HttpToolsProtocol):
         return self._abort(503, "Service Unavailable", "Shutting down", "the server is shutting down and could "
                            "not finish this request in time; retry it (on another instance)", "shutting-down",
                            (("retry-after", "1"),))
+
+
+class HeadWithBody:
+    """A response's transport that writes its head together with its first body bytes.
+
+    uvicorn writes a response's status line and headers, then its body, in two writes: two send() system calls,
+    and often two reads for the client, where one does. A head is held only when a body of known length
+    (Content-Length, not HEAD) follows it; a large first body chunk is written after the head as before (joining
+    them would copy it). Anything else (100 Continue, chunked bodies, close) passes through, the head first.
+    """
+
+    __slots__ = ("transport", "cycle", "head", "fresh")
+    JOIN_LIMIT = 64 * 1024
+
+    def __init__(self, transport, cycle):
+        self.transport, self.cycle = transport, cycle
+        self.head: bytes | None = None
+        self.fresh = True  # no head written (or held) yet
+
+    def write(self, data: bytes) -> None:
+        head = self.head
+        if head is not None:
+            self.head = None
+            if len(data) <= self.JOIN_LIMIT:
+                return self.transport.write(head + data)
+            self.transport.write(head)
+        elif self.fresh and self.cycle.response_started:  # the response's head
+            self.fresh = False
+            c = self.cycle
+            if c.chunked_encoding is False and c.expected_content_length > 0 and c.scope["method"] != "HEAD":
+                self.head = data
+                return None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.head is not None:  # a response cut short: its head as it would have gone before
+            self.transport.write(self.head)
+            self.head = None
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
 
 
 def protocol_class(settings: Settings) -> type[GuardedProtocol]:
