@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from typing import Any
 
 import uvicorn
@@ -182,7 +183,9 @@ class HeadWithBody:
     JOIN_LIMIT = 64 * 1024
 
     def __init__(self, transport, cycle):
-        self.transport, self.cycle = transport, cycle
+        # The cycle by a weak reference: it holds this object, and a strong one back would make each request's
+        # cycle (its scope, its body) garbage that only the collector frees.
+        self.transport, self.cycle = transport, weakref.ref(cycle)
         self.head: bytes | None = None
         self.fresh = True  # no head written (or held) yet
 
@@ -193,9 +196,8 @@ class HeadWithBody:
             if len(data) <= self.JOIN_LIMIT:
                 return self.transport.write(head + data)
             self.transport.write(head)
-        elif self.fresh and self.cycle.response_started:  # the response's head
+        elif self.fresh and (c := self.cycle()) is not None and c.response_started:  # the response's head
             self.fresh = False
-            c = self.cycle
             if c.chunked_encoding is False and c.expected_content_length > 0 and c.scope["method"] != "HEAD":
                 self.head = data
                 return None
