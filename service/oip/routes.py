@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from service import inference as infer
 from service import postprocess as post
-from service.errors import DOMAIN_ERRORS, ProblemError, problem_for
+from service.errors import DOMAIN_ERRORS, BodyTooLargeError, ProblemError, problem_for
 from service.inputs import INLINE_JSON_BYTES, offload
 from service.oip import models, repository, tensors
 from service.oip.errors import error_response
@@ -179,6 +179,8 @@ class InferEndpoint:
             response = error_response(problem_for(e, request.app.state.settings.retry_after_s))
         except ClientDisconnect:  # nobody reads the answer (as service/errors.py answers it)
             response = Response(status_code=499)
+        except BodyTooLargeError:  # a streamed body over the limit: the body limit's middleware answers 413
+            raise
         except Exception:  # noqa: BLE001 - a bug: logged with its trace, answered 500 in the protocol's form
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             response = error_response(ProblemError(500, "Internal Server Error", "an unexpected error occurred; it "
