@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from svc_helpers import image_bytes, settings_for, wait_ready
 
 from service.app import create_app
-from service.lane import InferenceLane
+from service.lane import MATCHED_PATHS, InferenceLane
 
 KEY = "lane-test-key"
 
@@ -133,3 +133,16 @@ def test_opentelemetry_on_keeps_the_full_stack(model_repo):
     app = create_app(settings_for(model_repo, opentelemetry=True))
     assert not isinstance(app.build_middleware_stack(), InferenceLane)
     assert isinstance(create_app(settings_for(model_repo)).build_middleware_stack(), InferenceLane)
+
+
+def test_infer_paths_matched_once_are_kept_in_a_bounded_table(app_and_client):
+    app, client = app_and_client
+    lane = app.middleware_stack
+    for i in range(MATCHED_PATHS + 20):  # invented model names: each a 404, none kept for long
+        r = client.post(f"/v2/models/nope{i}.encoder/infer", content=b"{}", headers={"X-API-Key": KEY})
+        assert r.status_code == 404 and f"nope{i}.encoder" in r.json()["error"]
+    assert len(lane._matched) <= MATCHED_PATHS
+    r = client.post("/v2/models/ppca-digits.encoder/versions/1/infer", content=b"{", headers={"X-API-Key": KEY})
+    assert r.status_code == 400  # matched (its version parameter too) after the table was emptied
+    assert lane._matched[("", "/v2/models/ppca-digits.encoder/versions/1/infer")][1] == {
+        "name": "ppca-digits.encoder", "version": "1"}
