@@ -201,7 +201,8 @@ class GraphRunner:
         run yet (a failed sibling chunk, a client that went away): a worker skips cancelled items.
         """
         n = next(iter(inputs.values())).shape[0]
-        loop = asyncio.get_running_loop()
+        # The workers' loop when batching: asyncio.get_running_loop() makes a getpid() system call each time.
+        loop = asyncio.get_running_loop() if self._queue is None or self._retired else self._loop
         key = tuple((k, v.shape[1:]) for k, v in inputs.items())
         item = _Item(inputs, n, cost or n, key, loop.create_future(), post)
         if self._queue is None or self._retired:  # batching off (or retired): one call per request, still bounded
@@ -232,7 +233,7 @@ class GraphRunner:
         # and out; by a weak reference, so that a retired runner (and its session) can be freed.
         ref = weakref.ref(self)
         self._m_depth.set_function(lambda: runner.waiting() if (runner := ref()) is not None else 0)
-        self._queue = asyncio.Queue()
+        self._queue, self._loop = asyncio.Queue(), asyncio.get_running_loop()
         self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{self.model}-{self.role}-{i}")
                          for i in range(workers)]
 
