@@ -1,6 +1,6 @@
 """uvicorn, hardened: read deadlines and a connection cap per connection, and a shutdown that answers everyone.
 
-`python -m service` runs the app with :func:`serve`. Two pieces extend uvicorn (0.54) where it has no setting:
+`python -m service` runs the app with :func:`serve`. Three pieces extend uvicorn (0.54) where it has no setting:
 
 - :class:`GuardedProtocol` (uvicorn's httptools protocol; uvicorn has no read timeouts for it): a request's head
   (request line and headers) must arrive within `header_timeout_s` of its first byte (of the connection, for the
@@ -9,6 +9,8 @@
   a new one gets 503 and is closed at once. A slow client thus holds a few kilobytes for a bounded time: no task
   until its head is complete (the app sees a request only then), and a task waiting for its body at most
   `body_timeout_s`; never an inference worker.
+- :class:`HeadWithBody` (the transport each request's response is written to): a response's head goes out together
+  with its first body bytes, one write where uvicorn makes two.
 - :class:`Server` (uvicorn's Server): on SIGTERM / SIGINT the app is told at once that it is draining (/ready
   answers 503), it goes on serving for `drain_s` (so that a load balancer can take it out of rotation), then
   uvicorn's graceful shutdown runs: no new connections, the requests in flight get `timeout_graceful_shutdown`
