@@ -201,7 +201,8 @@ class GraphRunner:
         run yet (a failed sibling chunk, a client that went away): a worker skips cancelled items.
         """
         n = next(iter(inputs.values())).shape[0]
-        loop = asyncio.get_running_loop()
+        # The workers' loop when batching: asyncio.get_running_loop() makes a getpid() system call each time.
+        loop = asyncio.get_running_loop() if self._queue is None or self._retired else self._loop
         key = tuple((k, v.shape[1:]) for k, v in inputs.items())
         item = _Item(inputs, n, cost or n, key, loop.create_future(), post)
         if self._queue is None or self._retired:  # batching off (or retired): one call per request, still bounded
@@ -232,7 +233,7 @@ class GraphRunner:
         # and out; by a weak reference, so that a retired runner (and its session) can be freed.
         ref = weakref.ref(self)
         self._m_depth.set_function(lambda: runner.waiting() if (runner := ref()) is not None else 0)
-        self._queue = asyncio.Queue()
+        self._queue, self._loop = asyncio.Queue(), asyncio.get_running_loop()
         self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{self.model}-{self.role}-{i}")
                          for i in range(workers)]
 
@@ -257,25 +258,25 @@ class GraphRunner:
                 await t
         self._workers = []
 
-    async def _next(self, timeout: float | None) -> _Item | None:
-        """The next item still wanted (items whose caller was cancelled are dropped here, unrun)."""
-        while True:
-            item = await self._next_any(timeout)
-            if item is None or not item.future.done():
+    def _queued(self) -> _Item | None:
+        """The next item still wanted among those queued already, else None (items whose caller was cancelled
+        are dropped here, unrun). A plain function: it runs once per item merged."""
+        while self._carry or not self._queue.empty():
+            item = self._carry.popleft() if self._carry else self._queue.get_nowait()
+            if not item.future.done():
                 return item
+        return None
 
-    async def _next_any(self, timeout: float | None) -> _Item | None:
-        if self._carry:
-            return self._carry.popleft()
-        assert self._queue is not None
-        try:
-            if timeout is None:
-                return await self._queue.get()
-            if timeout <= 0:
-                return self._queue.get_nowait()
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except (asyncio.QueueEmpty, TimeoutError):
-            return None
+    async def _next(self, timeout: float | None) -> _Item | None:
+        """The next item still wanted, waiting at most `timeout` seconds for one (None: as long as it takes)."""
+        while (item := self._queued()) is None:
+            try:
+                item = await (self._queue.get() if timeout is None else asyncio.wait_for(self._queue.get(), timeout))
+            except TimeoutError:
+                return None
+            if not item.future.done():
+                return item
+        return item
 
     async def _collect(self) -> list[_Item]:
         first = await self._next(None)
@@ -287,7 +288,7 @@ class GraphRunner:
         wait = self._last_batch > 1
         skipped: list[_Item] = []
         while cost < self.max_cost:
-            item = await self._next(0)  # whatever is queued already
+            item = self._queued()  # whatever is queued already
             if item is None:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or not wait:

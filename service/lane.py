@@ -24,6 +24,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.endpoint import RequestRoute
 
+# Infer paths whose route match is kept (service/lane.py `_infer_route`)
+MATCHED_PATHS = 256
+
 
 class InferenceLane:
     """ASGI: the inference routes' requests through the lane, the others to `full` (the app's usual stack)."""
@@ -41,6 +44,7 @@ class InferenceLane:
         # (method, path) -> route for the inference routes with a fixed path; the /v2 infer routes by pattern
         self.fixed: dict[tuple[str, str], RequestRoute] = {}
         self.patterns: list[Route] = []
+        self._matched: dict[tuple[str, str], tuple[Route, dict]] = {}  # (root path, path) -> route, path params
         for route in app.router.routes:
             if isinstance(route, RequestRoute):
                 for method in route.methods or ():
@@ -56,16 +60,34 @@ class InferenceLane:
         if scope["type"] == "http":
             route = self.fixed.get((scope["method"], scope["path"]))
             if route is None and scope["method"] == "POST" and scope["path"].startswith("/v2/models/"):
-                for candidate in self.patterns:
-                    match, child = candidate.matches(scope)
-                    if match is Match.FULL:
-                        scope.update(child)
-                        route = candidate
-                        break
+                route = self._infer_route(scope)
             if route is not None:
                 scope["route"] = route
                 return await self.lane(scope, receive, send)
         await self.full(scope, receive, send)
+
+    def _infer_route(self, scope: Scope) -> Route | None:
+        """The /v2 infer route matching the path (its path parameters into the scope), or None.
+
+        A path matched once is looked up after that: a client calls the same few models again and again. The
+        table is bounded (emptied when full), so that invented names cost a match each, as they did, and no
+        memory."""
+        key = (scope.get("root_path", ""), scope["path"])
+        known = self._matched.get(key)
+        if known is not None and "path_params" not in scope:
+            route, params = known
+            scope["endpoint"], scope["path_params"] = route.endpoint, dict(params)
+            return route
+        for candidate in self.patterns:
+            match, child = candidate.matches(scope)
+            if match is Match.FULL:
+                if "path_params" not in scope:  # the server's scope (no outer router has matched a part of it)
+                    if len(self._matched) >= MATCHED_PATHS:
+                        self._matched.clear()
+                    self._matched[key] = (candidate, dict(child["path_params"]))
+                scope.update(child)
+                return candidate
+        return None
 
     async def _endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = scope["route"]

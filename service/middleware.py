@@ -132,6 +132,13 @@ class BodySizeLimitMiddleware:
                 return await send_problem(send, 400, "Bad Request", "invalid Content-Length header", "bad-request")
             if length > self.max_bytes:
                 return await self._too_large(send)
+            # The server hands the app no more body than Content-Length says (the bytes after it are the next
+            # request), so there is nothing left to count.
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                if length >= self.large_bytes and self.after_large_body is not None:
+                    self.after_large_body()
         received = 0
         started = False
 

@@ -1,6 +1,6 @@
 """uvicorn, hardened: read deadlines and a connection cap per connection, and a shutdown that answers everyone.
 
-`python -m service` runs the app with :func:`serve`. Two pieces extend uvicorn (0.54) where it has no setting:
+`python -m service` runs the app with :func:`serve`. Three pieces extend uvicorn (0.54) where it has no setting:
 
 - :class:`GuardedProtocol` (uvicorn's httptools protocol; uvicorn has no read timeouts for it): a request's head
   (request line and headers) must arrive within `header_timeout_s` of its first byte (of the connection, for the
@@ -9,6 +9,8 @@
   a new one gets 503 and is closed at once. A slow client thus holds a few kilobytes for a bounded time: no task
   until its head is complete (the app sees a request only then), and a task waiting for its body at most
   `body_timeout_s`; never an inference worker.
+- :class:`HeadWithBody` (the transport each request's response is written to): a response's head goes out together
+  with its first body bytes, one write where uvicorn makes two.
 - :class:`Server` (uvicorn's Server): on SIGTERM / SIGINT the app is told at once that it is draining (/ready
   answers 503), it goes on serving for `drain_s` (so that a load balancer can take it out of rotation), then
   uvicorn's graceful shutdown runs: no new connections, the requests in flight get `timeout_graceful_shutdown`
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from typing import Any
 
 import uvicorn
@@ -105,7 +108,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._reading_head, self._head_bytes = False, 0
         self._disarm()
         self._body_started = self.loop.time()
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not previous:  # a new request's cycle (not an upgrade)
+            self.cycle.transport = HeadWithBody(self.transport, self.cycle)
 
     def on_message_complete(self) -> None:
         self._reading_head, self._head_bytes, self._head_started = True, 0, None
@@ -164,6 +170,49 @@ class GuardedProtocol(HttpToolsProtocol):
         return self._abort(503, "Service Unavailable", "Shutting down", "the server is shutting down and could "
                            "not finish this request in time; retry it (on another instance)", "shutting-down",
                            (("retry-after", "1"),))
+
+
+class HeadWithBody:
+    """A response's transport that writes its head together with its first body bytes.
+
+    uvicorn writes a response's status line and headers, then its body, in two writes: two send() system calls,
+    and often two reads for the client, where one does. A head is held only when a body of known length
+    (Content-Length, not HEAD) follows it; a large first body chunk is written after the head as before (joining
+    them would copy it). Anything else (100 Continue, chunked bodies, close) passes through, the head first.
+    """
+
+    __slots__ = ("transport", "cycle", "head", "fresh")
+    JOIN_LIMIT = 64 * 1024
+
+    def __init__(self, transport, cycle):
+        # The cycle by a weak reference: it holds this object, and a strong one back would make each request's
+        # cycle (its scope, its body) garbage that only the collector frees.
+        self.transport, self.cycle = transport, weakref.ref(cycle)
+        self.head: bytes | None = None
+        self.fresh = True  # no head written (or held) yet
+
+    def write(self, data: bytes) -> None:
+        head = self.head
+        if head is not None:
+            self.head = None
+            if len(data) <= self.JOIN_LIMIT:
+                return self.transport.write(head + data)
+            self.transport.write(head)
+        elif self.fresh and (c := self.cycle()) is not None and c.response_started:  # the response's head
+            self.fresh = False
+            if c.chunked_encoding is False and c.expected_content_length > 0 and c.scope["method"] != "HEAD":
+                self.head = data
+                return None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.head is not None:  # a response cut short: its head as it would have gone before
+            self.transport.write(self.head)
+            self.head = None
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
 
 
 def protocol_class(settings: Settings) -> type[GuardedProtocol]:

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
                                 "graph's calls, the large ones, hand their memory back to it after each call")
     trim_after_work: int = Field(4096, ge=0, description="after a request of at least this much work (rows), give "
                                  "free memory back to the system (glibc malloc_trim); 0: never")
+    gc_threshold: int = Field(5000, ge=1, description="container objects allocated (less those freed) between two "
+                              "collections of the garbage collector's youngest generation (Python's default: 700, "
+                              "which requests in flight reach several times a second and have walked for nothing)")
 
     # Operations (slow clients, shutdown)
     header_timeout_s: float = Field(10.0, gt=0, description="seconds a request has to send its request line and "

@@ -20,6 +20,9 @@ from service.runtime import LoadedModel, Runtime
 
 PLATFORM = "onnx_onnxv1"
 _SPECS: weakref.WeakKeyDictionary[GraphRunner, GraphSpec] = weakref.WeakKeyDictionary()
+# The Graph of each runner, made on its first request rather than on every one (a runner is one graph of one
+# loaded model: a model swapped or reloaded has new runners).
+_GRAPHS: weakref.WeakKeyDictionary[GraphRunner, Graph] = weakref.WeakKeyDictionary()
 
 
 def spec_of(runner: GraphRunner) -> GraphSpec:
@@ -43,10 +46,7 @@ class Graph:
     model: LoadedModel
     role: str
     runner: GraphRunner
-
-    @property
-    def version(self) -> str:
-        return version_of(self.model)
+    version: str  # version_of(model)
 
     def metadata(self) -> dict:
         spec = spec_of(self.runner)
@@ -72,9 +72,10 @@ def resolve(request: Request, name: str, version: str | None) -> Graph:
         raise err
     runtime: Runtime = request.app.state.runtime
     folder, _, role = name.rpartition(".")
-    request.state.model = folder or name  # the metrics' model label (bounded: service/metrics.py)
+    request.scope.setdefault("state", {})["model"] = folder or name  # the metrics' model label (bounded)
     model = runtime.models.get(folder)
-    if model is None or role not in model.runners:
+    runner = model.runners.get(role) if model is not None else None
+    if runner is None:
         if folder in runtime.broken:
             detail = f"model {name!r} is unavailable: its folder failed validation ({runtime.broken[folder]})"
         elif model is not None:
@@ -84,7 +85,9 @@ def resolve(request: Request, name: str, version: str | None) -> Graph:
             detail = (f"no model {name[:200]!r}; models are named folder.graph, e.g. "
                       + ", ".join(names(runtime)[:8]))
         raise ProblemError(404, "Unknown model", detail, slug="unknown-model")
-    graph = Graph(name, model, role, model.runners[role])
+    graph = _GRAPHS.get(runner)
+    if graph is None or graph.model is not model:
+        graph = _GRAPHS[runner] = Graph(name, model, role, runner, version_of(model))
     if version is not None and version != graph.version:
         raise ProblemError(404, "Unknown model version", f"model {name!r} has version {graph.version}, not "
                            f"{version[:40]!r}", slug="unknown-model")

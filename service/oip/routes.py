@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from service import inference as infer
 from service import postprocess as post
-from service.errors import DOMAIN_ERRORS, ProblemError, problem_for
+from service.errors import DOMAIN_ERRORS, BodyTooLargeError, ProblemError, problem_for
 from service.inputs import INLINE_JSON_BYTES, offload
 from service.oip import models, repository, tensors
 from service.oip.errors import error_response
@@ -35,6 +35,8 @@ from service.settings import Settings
 log = logging.getLogger("service.oip")
 SERVER_NAME = "latentserve"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
+_JSON_TYPE = (b"content-type", b"application/json")
+_BINARY_TYPE = (b"content-type", b"application/octet-stream")
 
 
 def _json(content: dict | list, status: int = 200, headers: dict | None = None) -> Response:
@@ -83,20 +85,29 @@ async def repository_index(request: Request) -> Response:
     return _json(models.index(request.app.state.runtime, ready_only))
 
 
-async def model_infer(request: Request) -> Response:
-    """POST /v2/models/{name}[/versions/{version}]/infer: JSON tensors and the binary tensor data extension."""
-    p = request.path_params
+async def model_infer(request: Request) -> tuple[bytes, int | None]:
+    """POST /v2/models/{name}[/versions/{version}]/infer: JSON tensors and the binary tensor data extension.
+
+    Its answer: (the response body, the length of its JSON part when binary outputs follow it, else None)."""
+    scope = request.scope
+    p = scope["path_params"]
     graph = models.resolve(request, p["name"], p.get("version"))
-    settings: Settings = request.app.state.settings
-    body = await request.body()
-    headers = request.headers
+    app_state = scope["app"].state
+    settings: Settings = app_state.settings
+    body = await _body(request.receive)
+    encoding = header_length = None
+    for k, v in scope["headers"]:  # the two headers that shape the body, in one pass
+        if k == b"content-encoding":
+            encoding = v.decode("latin-1")
+        elif k == b"inference-header-content-length":
+            header_length = v.decode("latin-1")
     spec = models.spec_of(graph.runner)
 
     def parse() -> tensors.InferRequest:
         raw = body
-        if (encoding := headers.get("content-encoding")) not in (None, "identity"):
+        if encoding not in (None, "identity"):
             raw = tensors.decompress(body, encoding.strip().lower(), settings.max_body_bytes)
-        header, binary = tensors.split_body(raw, headers.get("inference-header-content-length"))
+        header, binary = tensors.split_body(raw, header_length)
         return tensors.read_request(tensors.parse_json(header, settings.max_json_pixels), binary, spec, graph.name,
                               settings.max_images, settings.max_latent_abs)
 
@@ -105,7 +116,7 @@ async def model_infer(request: Request) -> Response:
     # Parsing holds the GIL, even in a thread; past the inline budget a thread keeps the loop answering between
     # its steps (as for JSON images, service/inputs.py).
     req = parse() if len(body) <= INLINE_JSON_BYTES else await offload(parse)
-    request.state.batch_size = req.rows
+    scope.setdefault("state", {})["batch_size"] = req.rows  # the access log's (service/middleware.py)
     wanted = [name for name, _ in req.outputs]
 
     def pick(out: dict) -> dict:  # in the inference thread: only the requested outputs, each finite
@@ -121,14 +132,25 @@ async def model_infer(request: Request) -> Response:
         raise tensors.bad(f"the model's output {e.output!r} is not finite (NaN or infinite) for row {e.row} of the "
                     "batch; check that input (pixels in [0, 1] with light ink on black, latent values near the "
                     "prior N(0, I))") from e
-    runtime: Runtime = request.app.state.runtime
+    runtime: Runtime = app_state.runtime
+    args = (graph.name, graph.version, req.id, outputs, req.outputs)
     size = sum(a.size for a in outputs.values())
-    body_out, json_length = await runtime.offload.run(size, tensors.response_body, graph.name, graph.version, req.id,
-                                                      outputs, req.outputs)
-    if json_length is None:
-        return Response(body_out, media_type="application/json")
-    return Response(body_out, media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(json_length)})
+    if size <= runtime.offload.inline_values:  # as Offload.run decides, without its coroutine
+        return tensors.response_body(*args)
+    return await runtime.offload.run(size, tensors.response_body, *args)
+
+
+async def _body(receive) -> bytes:
+    """The request body, as Request.body() reads it (ClientDisconnect when the client is gone), without its
+    generator layers."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _bound(request: Request, graph: models.Graph, req: tensors.InferRequest, pick, settings: Settings) -> dict:
@@ -150,17 +172,28 @@ class InferEndpoint:
     async def __call__(self, scope, receive, send) -> None:
         request = Request(scope, receive)
         try:
-            response = await model_infer(request)
+            body, json_length = await model_infer(request)
         except ProblemError as e:
             response = error_response(e)
         except DOMAIN_ERRORS as e:  # a full queue or work budget, a model not ready: service/errors.py answers
             response = error_response(problem_for(e, request.app.state.settings.retry_after_s))
         except ClientDisconnect:  # nobody reads the answer (as service/errors.py answers it)
             response = Response(status_code=499)
+        except BodyTooLargeError:  # a streamed body over the limit: the body limit's middleware answers 413
+            raise
         except Exception:  # noqa: BLE001 - a bug: logged with its trace, answered 500 in the protocol's form
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             response = error_response(ProblemError(500, "Internal Server Error", "an unexpected error occurred; it "
                                                    "has been logged", slug="internal-error"))
+        else:  # the headers a Response would send, in its order, without building one
+            if json_length is None:
+                headers = [(b"content-length", str(len(body)).encode()), _JSON_TYPE]
+            else:
+                headers = [(b"inference-header-content-length", str(json_length).encode()),
+                           (b"content-length", str(len(body)).encode()), _BINARY_TYPE]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
         await response(scope, receive, send)
 
 

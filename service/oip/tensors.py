@@ -27,6 +27,9 @@ from service.postprocess import dumps
 DATATYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
              "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(int8)": "INT8", "tensor(uint8)": "UINT8",
              "tensor(bool)": "BOOL"}
+# The binary tensor data extension's FP32: little-endian, whatever the host (a dtype made once: parsing "<f4"
+# costs as much as reading the tensor).
+_LITTLE_F32 = np.dtype("<f4")
 # Inputs whose values are pixel intensities; the other inputs (z, eps) are latent values.
 PIXEL_INPUTS = frozenset({"x"})
 
@@ -197,7 +200,7 @@ def _tensor(tensor: dict, t: TensorSpec, binary: memoryview, offset: int, model:
             raise bad(f"input {t.name!r}: binary_data_size {size} at byte {offset} runs past the {len(binary)} "
                       "bytes of binary data after the JSON")
         # A copy: native byte order, aligned (the JSON before it has any length), not a view of the body.
-        return np.array(np.frombuffer(binary, dtype="<f4", count=count, offset=offset), np.float32).reshape(shape), size
+        return np.frombuffer(binary, _LITTLE_F32, count, offset).astype(np.float32).reshape(shape), size
     if data is None:
         raise bad(f"input {t.name!r} has no 'data' (nor a binary_data_size parameter)")
     if not isinstance(data, list):

@@ -61,12 +61,18 @@ def test_not_ready_without_models(tmp_path):
 
 def test_startup_heap_is_frozen_out_of_the_collector(model_repo):
     """Once the models are loaded the start-up heap is frozen (gc.freeze), so full collections under load
-    do not walk it (the p99 latency fix of docs/benchmarks.md)."""
+    do not walk it (the p99 latency fix of docs/benchmarks.md), and young collections come at GC_THRESHOLD."""
     gc.unfreeze()
     assert gc.get_freeze_count() == 0
-    with TestClient(create_app(settings_for(model_repo))) as c:
-        wait_ready(c)
-        assert gc.get_freeze_count() > 10_000
+    before = gc.get_threshold()
+    try:
+        with TestClient(create_app(settings_for(model_repo, gc_threshold=4321))) as c:
+            wait_ready(c)
+            assert gc.get_freeze_count() > 10_000
+            # and the youngest generation is collected at the setting's threshold, the older ones as before
+            assert gc.get_threshold() == (4321, *before[1:])
+    finally:
+        gc.set_threshold(*before)
 
 
 def _load_hooks():

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from svc_helpers import image_bytes, settings_for, wait_ready
 
 from service.app import create_app
-from service.lane import InferenceLane
+from service.lane import MATCHED_PATHS, InferenceLane
 
 KEY = "lane-test-key"
 
@@ -27,6 +27,15 @@ def _requests(digits) -> list[tuple[str, str, dict]]:
     png = image_bytes(digits.test[0].reshape(8, 8))
     key = {"X-API-Key": KEY}
     oip = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": digits.test[0].tolist()}]}
+    x = digits.test[:1].astype("<f4").tobytes()
+    head = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(x)}}],
+                         "parameters": {"binary_data_output": True}})
+    binary = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream", **key}
+
+    def streamed():  # no Content-Length: the body limit counts the chunks as they come
+        yield from [b"x" * 1000] * 5
+
     return [
         ("POST", "/encode", {"files": [("images", ("d.png", png, "image/png"))], "headers": key}),
         ("POST", "/encode", {"files": [("images", ("d.png", png, "image/png"))]}),  # no key: 401
@@ -43,6 +52,10 @@ def _requests(digits) -> list[tuple[str, str, dict]]:
         ("POST", "/v2/models/nope.encoder/infer", {"content": orjson.dumps(oip), "headers": key}),  # 404
         ("POST", "/v2/models/ppca-digits.encoder/versions/1/infer", {"content": b"{", "headers": key}),  # 400
         ("POST", "/v2/models/ppca-digits.encoder/infer", {"content": b"[" * 5000, "headers": key}),  # 413
+        ("POST", "/v2/models/ppca-digits.encoder/infer", {"content": head + x, "headers": binary}),  # binary
+        ("POST", "/v2/models/ppca-digits.encoder/infer", {"content": head + x[:-4], "headers": binary}),  # 400
+        ("POST", "/v2/models/ppca-digits.encoder/infer", {"content": streamed(), "headers": key}),  # 413, OIP form
+        ("POST", "/encode", {"content": streamed(), "headers": {**key, "Content-Type": "application/json"}}),  # 413
     ]
 
 
@@ -85,7 +98,11 @@ def test_every_answer_is_the_full_stacks(app_and_client, digits):
     finally:
         app.middleware_stack = lane
     statuses = [a[0] for a in through_lane]
-    assert statuses == [200, 401, 413, 415, 404, 422, 200, 422, 200, 200, 200, 401, 404, 400, 413], statuses
+    assert statuses == [200, 401, 413, 415, 404, 422, 200, 422, 200, 200, 200, 401, 404, 400, 413, 200, 400, 413,
+                        413], statuses
+    assert through_lane[-2][1]["content-type"] == "application/json"  # the protocol's error form, not a 500
+    assert orjson.loads(through_lane[-2][2])["error"].startswith("the request body is larger than the limit")
+    assert through_lane[-4][1]["content-type"] == "application/octet-stream"
     for (method, url, _), a, b in zip(_requests(digits), through_lane, through_full, strict=True):
         assert a == b, (method, url)
     assert all("x-request-id" in client.request(m, u, **kw).headers for m, u, kw in _requests(digits)[:3])
@@ -116,3 +133,16 @@ def test_opentelemetry_on_keeps_the_full_stack(model_repo):
     app = create_app(settings_for(model_repo, opentelemetry=True))
     assert not isinstance(app.build_middleware_stack(), InferenceLane)
     assert isinstance(create_app(settings_for(model_repo)).build_middleware_stack(), InferenceLane)
+
+
+def test_infer_paths_matched_once_are_kept_in_a_bounded_table(app_and_client):
+    app, client = app_and_client
+    lane = app.middleware_stack
+    for i in range(MATCHED_PATHS + 20):  # invented model names: each a 404, none kept for long
+        r = client.post(f"/v2/models/nope{i}.encoder/infer", content=b"{}", headers={"X-API-Key": KEY})
+        assert r.status_code == 404 and f"nope{i}.encoder" in r.json()["error"]
+    assert len(lane._matched) <= MATCHED_PATHS
+    r = client.post("/v2/models/ppca-digits.encoder/versions/1/infer", content=b"{", headers={"X-API-Key": KEY})
+    assert r.status_code == 400  # matched (its version parameter too) after the table was emptied
+    assert lane._matched[("", "/v2/models/ppca-digits.encoder/versions/1/infer")][1] == {
+        "name": "ppca-digits.encoder", "version": "1"}
