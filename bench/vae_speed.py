@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             ratios = [a / b for a, b in zip(med[name, threads], vae, strict=True)]
             rows.append([name, threads, _range(med[name, threads]), "1" if name == "vae" else _range(ratios)])
     body = ("Seconds per epoch (4,000 images, batch 100, encoder 784-512-80, decoder 40-512-784, Adam (fused), "
-            f"float32): per round, the median of {args.epochs} epochs of each model after one warm-up epoch; the "
+            f"float32 unless marked bf16): per round, the median of {args.epochs} epochs of each model after one "
+            "warm-up epoch; the "
             f"table gives the median over {args.rounds} rounds (and their range), and the ratio to the VAE's epoch "
             "in the same round. The peers' figures were 0.36-0.62 s/epoch; their planar flows are global, as in "
             "the 'global' row (the amortized encoder has 810 more outputs). The machine is shared: 1-minute load "

@@ -36,12 +36,13 @@ from training.vae import ACTIVATIONS, FLOW_TYPES, LAYERS, LIKELIHOODS, VAE, VAEC
 from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, objective_rows, train_epoch
 
 # Each kind's recipe where the kinds differ: a setting left None (not given) takes its kind's value here, chosen on
-# validation figures (docs/benchmarks.md, "VAE fit options (issue 20)"), within 10 minutes of one core. bf16 products
-# make a gated epoch about 0.7 of a float32 one, paying for the flow-VAE's longer schedule; they cost the plain VAE
-# a seed's bound, so it stays float32. 10 planar flows are the peers' setting.
+# validation figures (docs/benchmarks.md, "VAE fit options (issue 20)") within what scripts/run can afford: all three
+# default models served within 11 minutes of a fresh clone, two fits at a time. bf16 products make a gated epoch about
+# 0.7 of a float32 one: the flow-VAE's 550 gated epochs take the time of 400 in float32. They cost the plain VAE a
+# seed's bound, so it stays float32. 10 planar flows are the peers' setting.
 KIND_DEFAULTS: dict[str, dict[str, object]] = {
-    "vae": {"flows": 0, "layer": "plain", "epochs": 1000, "warmup_epochs": 100.0, "precision": "fp32"},
-    "flow-vae": {"flows": 10, "layer": "gated", "epochs": 700, "warmup_epochs": 100.0, "precision": "bf16"},
+    "vae": {"flows": 0, "layer": "plain", "epochs": 700, "warmup_epochs": 100.0, "precision": "fp32"},
+    "flow-vae": {"flows": 10, "layer": "gated", "epochs": 550, "warmup_epochs": 100.0, "precision": "bf16"},
 }
 # `--precision`: the dtype of the encoder's and decoder's matrix products in training steps (None: float32).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
