@@ -24,9 +24,8 @@ import torch
 import training.flows
 from training.data import mnist5k_raw, mnist5k_split
 from training.distributed import Dist
-from training.train_vae import make_optimizer
 from training.vae import VAE, VAEConfig
-from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
+from training.vae_epoch import GlobalBatches, LogWeightTerms, make_optimizer, train_epoch
 
 
 def _load(name: str, path: Path):

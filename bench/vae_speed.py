@@ -26,9 +26,9 @@ import torch
 from bench.report import publish, table
 from training.data import mnist5k_raw, mnist5k_split
 from training.distributed import Dist
-from training.train_vae import PRECISIONS, make_optimizer
+from training.train_vae import PRECISIONS
 from training.vae import VAE, VAEConfig
-from training.vae_epoch import GlobalBatches, LogWeightTerms, train_epoch
+from training.vae_epoch import GlobalBatches, LogWeightTerms, make_optimizer, train_epoch
 
 MODELS = (("vae", 0, "amortized"), ("flow-vae (10 global planar flows)", 10, "global"),
           ("flow-vae (10 amortized planar flows)", 10, "amortized"))

@@ -33,7 +33,7 @@ from training.distributed import Dist, single
 from training.schedules import KL_SCHEDULES, LR_SCHEDULES, Schedule
 from training.shards import local, reopen_dataset, row_fetcher
 from training.vae import ACTIVATIONS, FLOW_TYPES, LAYERS, LIKELIHOODS, VAE, VAEConfig
-from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, objective_rows, train_epoch
+from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, make_optimizer, objective_rows, train_epoch
 
 # Each kind's recipe where the kinds differ: a setting left None (not given) takes its kind's value here, chosen on
 # validation figures (docs/benchmarks.md, "VAE fit options (issue 20)") within what scripts/run can afford: all three
@@ -263,16 +263,6 @@ def fit(job: FitJob, data: ImageData, out: Path, dist: Dist | None = None) -> di
         write_json(out / METRICS, metrics)
         _plots(model.cpu(), data, history, kind, out)
     return metrics
-
-
-def make_optimizer(model: VAE, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay (Adam when it is 0), fused where the device has the kernel."""
-    cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
-    kwargs = {"lr": lr, "weight_decay": weight_decay}
-    try:  # one fused kernel per step instead of a handful of ops per parameter tensor
-        return cls(model.parameters(), fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # pragma: no cover - devices without a fused Adam
-        return cls(model.parameters(), **kwargs)
 
 
 @torch.no_grad()
