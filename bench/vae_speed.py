@@ -98,13 +98,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.append([name, threads, _range(med[name, threads]), "1" if name == "vae" else _range(ratios)])
     body = ("Seconds per epoch (4,000 images, batch 100, encoder 784-512-80, decoder 40-512-784, Adam (fused), "
             f"float32 unless marked bf16): per round, the median of {args.epochs} epochs of each model after one "
-            "warm-up epoch; the "
-            f"table gives the median over {args.rounds} rounds (and their range), and the ratio to the VAE's epoch "
-            "in the same round. The peers' figures were 0.36-0.62 s/epoch; their planar flows are global, as in "
-            "the 'global' row (the amortized encoder has 810 more outputs). The machine is shared: 1-minute load "
-            f"average {', '.join(f'{x:.2f}' for x in loads)} before the runs and after each round (with the "
-            "cores busy, two OpenMP threads wait on each other and epochs take many times longer; `fit` uses one "
-            "thread by default).\n\n"
+            f"warm-up epoch; the table gives the median over {args.rounds} rounds (and their range), and the ratio "
+            "to the VAE's epoch in the same round. The peers' figures were 0.36-0.62 s/epoch; their planar flows "
+            "are global, as in the 'global' row (the amortized encoder has 810 more outputs). The machine is "
+            f"shared: 1-minute load average {', '.join(f'{x:.2f}' for x in loads)} before the runs and after each "
+            "round (with the cores busy, two OpenMP threads wait on each other and epochs take many times longer; "
+            "`fit` uses one thread by default).\n\n"
             + table(["model", "threads", "s/epoch: median (range) over rounds", "/ vae, same round"], rows))
     publish("VAE training speed", body, module="bench.vae_speed", save=not args.no_record)
 
