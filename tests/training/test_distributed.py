@@ -350,9 +350,11 @@ def test_a_hung_rank_then_a_dead_one_end_the_job_with_clear_errors_in_bounded_ti
             t.join(timeout=0.5)
         text = logs[first].decode(errors="replace")
         assert procs[first].returncode != 0 and took < 3 + 60, took
-        # where rank 1 stopped decides which collective rank 0 waits in: the backward's all-reduce, or DDP's forward
+        # where rank 1 stopped decides which collective rank 0 waits in: a training step's (DDP's forward, the
+        # backward's all-reduce) or the epoch's end (the validation sums, rank 0's early-stopping decision)
         assert any(f"rank 0 of 2: {what} failed, so the job stops" in text for what in (
-            "the gradients' all-reduce in backward", "the forward pass's synchronisation")), text[-3000:]
+            "the gradients' all-reduce in backward", "the forward pass's synchronisation",
+            "an all-reduce of sums", "a broadcast from rank 0")), text[-3000:]
         assert "Timed out" in text and "--dist-timeout" in text
 
         os.kill(workers[1], signal.SIGKILL)
