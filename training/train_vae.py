@@ -37,12 +37,13 @@ from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, make_o
 
 # Each kind's recipe where the kinds differ: a setting left None (not given) takes its kind's value here, chosen on
 # validation figures (docs/benchmarks.md, "VAE fit options (issue 20)") within what scripts/run can afford: all three
-# default models served within 11 minutes of a fresh clone, two fits at a time. bf16 products make a gated epoch about
-# 0.7 of a float32 one: the flow-VAE's 550 gated epochs take the time of 400 in float32. They cost the plain VAE a
-# seed's bound, so it stays float32. 10 planar flows are the peers' setting.
+# default models served within 11 minutes of a fresh clone, two fits at a time. Both train the IW bound with k = 4
+# (the decoder runs 4 times a step: 1.5 one-sample epochs of the flow-VAE, 2 of the VAE). bf16 products make a gated
+# epoch about 0.7 of a float32 one; they cost the plain VAE a seed's bound. 10 planar flows are the peers' setting.
+_SHARED = {"warmup_epochs": 100.0, "objective": "iwae", "k": 4}
 KIND_DEFAULTS: dict[str, dict[str, object]] = {
-    "vae": {"flows": 0, "layer": "plain", "epochs": 700, "warmup_epochs": 100.0, "precision": "fp32"},
-    "flow-vae": {"flows": 10, "layer": "gated", "epochs": 550, "warmup_epochs": 100.0, "precision": "bf16"},
+    "vae": {"flows": 0, "layer": "plain", "epochs": 470, "precision": "fp32", **_SHARED},
+    "flow-vae": {"flows": 10, "layer": "gated", "epochs": 400, "precision": "bf16", **_SHARED},
 }
 # `--precision`: the dtype of the encoder's and decoder's matrix products in training steps (None: float32).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -93,11 +94,12 @@ class VAEFit:
                                          type=float)
     kl_schedule: str = option("linear", "shape of the KL warm-up: linear, or cosine (beta = (1 - cos(pi t)) / 2: "
                               "slower at both ends). linear is the quality models'", choices=KL_SCHEDULES)
-    objective: str = option("elbo", "training bound per row over --k samples. elbo (the quality models'): the mean "
-                            "of the k log w (k > 1: a lower-variance gradient); iwae: logsumexp - log k, the "
-                            "importance-weighted bound (Burda et al. 2016), tighter as k grows", choices=OBJECTIVES)
-    k: int = option(1, "samples per training row for --objective (each step costs about k times more in the "
-                    "decoder). 1: the quality models' one-sample ELBO")
+    objective: str | None = option(None, "training bound per row over --k samples. elbo: the mean of the k log w "
+                                   "(k > 1: a lower-variance gradient); iwae: logsumexp - log k, the importance-"
+                                   "weighted bound (Burda et al. 2016), tighter as k grows. Default: {}".format(
+                                       _by_kind("objective")), choices=OBJECTIVES)
+    k: int | None = option(None, "samples per training row for --objective (each step costs about k times more in "
+                           "the decoder). Default: {}".format(_by_kind("k")), type=int)
     patience: int = option(0, "stop after this many epochs without a better validation ELBO (IW bound with "
                            "iwae). 0: never, as the quality models: under the cosine schedule the best epoch is near "
                            "the end, and the validation curve can stall for 30 epochs or more while the rate is high")

@@ -275,8 +275,10 @@ def test_flow_vae_on_two_ranks_takes_the_one_process_steps(tmp_path):
     assert two["meta"]["training"]["dynamic_binarization"] is True
     for name, p in one["state_dict"].items():
         assert torch.allclose(two["state_dict"][name], p, rtol=1e-4, atol=1e-5), name
-    # Validation ELBO: each rank's rows with the one-process noise, reduced as a sum and a count.
-    for curve in ("train ELBO", "valid ELBO"):
+    # The validation bound (the default objective's: IW with k = 4): each rank's rows with the one-process noise,
+    # reduced as a sum and a count.
+    assert two["meta"]["training"]["objective"] == "iwae" and two["meta"]["training"]["k"] == 4
+    for curve in ("train ELBO", "valid IW bound (S=4)"):
         assert two["meta"]["history"][curve] == pytest.approx(one["meta"]["history"][curve], abs=1e-3)
     metrics = read_json(tmp_path / "two" / "metrics.json")
     assert (metrics["world_size"], metrics["backend"]) == (2, "gloo")

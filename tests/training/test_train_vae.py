@@ -181,10 +181,11 @@ def test_the_kl_warm_up_defaults_by_kind(tmp_path, monkeypatch):
 
 def test_each_kind_takes_its_recipe_and_given_settings_win():
     fit = train_vae.VAEFit()
-    assert train_vae.for_kind(fit, "flow-vae") == replace(fit, flows=10, layer="gated", epochs=550, warmup_epochs=100.0,
-                                                          precision="bf16")
-    assert train_vae.for_kind(fit, "vae") == replace(fit, flows=0, layer="plain", epochs=700, warmup_epochs=100.0,
-                                                     precision="fp32")
-    given = train_vae.VAEFit(layer="residual", epochs=7)
+    assert train_vae.for_kind(fit, "flow-vae") == replace(fit, flows=10, layer="gated", epochs=400, warmup_epochs=100.0,
+                                                          precision="bf16", objective="iwae", k=4)
+    assert train_vae.for_kind(fit, "vae") == replace(fit, flows=0, layer="plain", epochs=470, warmup_epochs=100.0,
+                                                     precision="fp32", objective="iwae", k=4)
+    given = train_vae.VAEFit(layer="residual", epochs=7, objective="elbo")
     resolved = train_vae.for_kind(given, "flow-vae")
-    assert (resolved.layer, resolved.epochs, resolved.flows) == ("residual", 7, 10)
+    assert (resolved.layer, resolved.epochs, resolved.flows, resolved.objective, resolved.k) == (
+        "residual", 7, 10, "elbo", 4)
