@@ -39,7 +39,7 @@ from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, make_o
 # validation figures (docs/benchmarks.md, "VAE fit options (issue 20)") within what scripts/run can afford: all three
 # default models served within 11 minutes of a fresh clone, two fits at a time. Both train the IW bound with k = 4
 # (the decoder runs 4 times a step: 1.5 one-sample epochs of the flow-VAE, 2 of the VAE). bf16 products make a gated
-# epoch about 0.7 of a float32 one; they cost the plain VAE a seed's bound. 10 planar flows are the peers' setting.
+# epoch about 0.7 of a float32 one; they cost the plain VAE a seed's bound. 20 or 40 flows were unsteady over seeds.
 _SHARED = {"warmup_epochs": 100.0, "objective": "iwae", "k": 4}
 KIND_DEFAULTS: dict[str, dict[str, object]] = {
     "vae": {"flows": 0, "layer": "plain", "epochs": 470, "precision": "fp32", **_SHARED},
