@@ -36,14 +36,15 @@ from training.vae import ACTIVATIONS, FLOW_TYPES, LAYERS, LIKELIHOODS, VAE, VAEC
 from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, make_optimizer, objective_rows, train_epoch
 
 # Each kind's recipe where the kinds differ: a setting left None (not given) takes its kind's value here, chosen on
-# validation figures (docs/benchmarks.md, "VAE fit options (issue 20)") within what scripts/run can afford: all three
-# default models served within 11 minutes of a fresh clone, two fits at a time. Both train the IW bound with k = 4
-# (the decoder runs 4 times a step: 1.5 one-sample epochs of the flow-VAE, 2 of the VAE). bf16 products make a gated
-# epoch about 0.7 of a float32 one; they cost the plain VAE a seed's bound. 20 or 40 flows were unsteady over seeds.
-_SHARED = {"warmup_epochs": 100.0, "objective": "iwae", "k": 4}
+# validation figures (docs/benchmarks.md, "VAE fit options (issue 20)") within what scripts/run affords: all three
+# default models served in 11 minutes of a fresh clone, two fits at a time. IW bound, k = 4: the decoder runs 4 times
+# a step. bf16 products cost the plain VAE a seed's bound. 20 flows need the learning-rate warm-up (unsteady without).
+_SHARED = {"objective": "iwae", "k": 4}
 KIND_DEFAULTS: dict[str, dict[str, object]] = {
-    "vae": {"flows": 0, "layer": "plain", "epochs": 470, "precision": "fp32", **_SHARED},
-    "flow-vae": {"flows": 10, "layer": "gated", "epochs": 400, "precision": "bf16", **_SHARED},
+    "vae": dict(_SHARED, flows=0, layer="plain", epochs=470, precision="fp32", warmup_epochs=100.0,
+                lr_warmup_epochs=0.0),
+    "flow-vae": dict(_SHARED, flows=20, layer="gated", epochs=370, precision="bf16", warmup_epochs=150.0,
+                     lr_warmup_epochs=10.0),
 }
 # `--precision`: the dtype of the encoder's and decoder's matrix products in training steps (None: float32).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -76,16 +77,15 @@ class VAEFit:
     likelihood: str | None = option(None, "p(x|z) (default: bernoulli for binary data, gaussian otherwise)",
                                     choices=LIKELIHOODS)
     var_floor: float = option(VAEConfig.var_floor, "gaussian: lower bound on the pixel variance")
-    epochs: int | None = option(None, "maximum epochs (default: {}; after 300 plain epochs the validation ELBO "
-                                "still rose; docs/benchmarks.md, VAE quality)".format(_by_kind("epochs")), type=int)
+    epochs: int | None = option(None, "epochs to train (by kind: {})".format(_by_kind("epochs")), type=int)
     batch_size: int = option(100, "rows per Adam step (the peers' batch size); under torchrun the global batch, "
                              "a multiple of the ranks")
     lr: float = option(1e-3, "Adam learning rate (Adam's usual rate; the cosine schedule decays it)")
     lr_schedule: str = option("cosine", "cosine: decay the learning rate to 0 at --epochs (per step; from the end "
                               "of --lr-warmup-epochs)", choices=LR_SCHEDULES)
-    lr_warmup_epochs: float = option(0.0, "learning-rate warm-up: the rate rises linearly from lr / steps to --lr "
-                                     "over these epochs (per step), then follows --lr-schedule. 0: none, as the "
-                                     "quality models (Adam at 1e-3 was stable from the first step)")
+    lr_warmup_epochs: float | None = option(None, "learning-rate warm-up: the rate rises linearly from lr / steps to "
+                                            "--lr over these epochs (per step), then follows --lr-schedule. 0: none. "
+                                            "Default: {}".format(_by_kind("lr_warmup_epochs")), type=float)
     weight_decay: float = option(0.1, "decoupled weight decay (AdamW; 0 gives Adam): the main remedy against "
                                  "overfitting 3,600 rows")
     warmup_epochs: float | None = option(None, "KL warm-up: the weight beta of log p(z) - log q(z|x) rises from 0 "
@@ -137,7 +137,7 @@ def _config(kind: str, fit: VAEFit, data: ImageData) -> VAEConfig:
         raise ValueError(f"--model flow-vae needs --flows >= 1, got {flows}; use --model vae for none")
     if fit.k < 1:
         raise ValueError(f"--k is the number of samples per training row and must be >= 1, got {fit.k}")
-    if fit.lr_warmup_epochs < 0 or (fit.warmup_epochs or 0) < 0:
+    if fit.lr_warmup_epochs < 0 or fit.warmup_epochs < 0:
         raise ValueError(f"warm-up epochs must be >= 0, got --lr-warmup-epochs {fit.lr_warmup_epochs}, "
                          f"--warmup-epochs {fit.warmup_epochs}")
     likelihood = fit.likelihood or ("bernoulli" if data.binary else "gaussian")

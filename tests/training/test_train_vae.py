@@ -112,8 +112,9 @@ def test_fit_options_train_export_and_serve(tmp_path, options):
     training = ckpt["meta"]["training"]
     assert ckpt["config"]["layer"] == training["layer"] == given["--layer"]
     assert (training["objective"], training["k"]) == (given["--objective"], int(given["--k"]))
-    assert training["lr_warmup_epochs"] == float(given.get("--lr-warmup-epochs", 0))
-    assert training["warmup_epochs"] == float(given.get("--warmup-epochs", 100))  # both kinds' default: 100
+    recipe = train_vae.KIND_DEFAULTS[given["--model"]]  # the kind's own warm-ups where none is given
+    assert training["lr_warmup_epochs"] == float(given.get("--lr-warmup-epochs", recipe["lr_warmup_epochs"]))
+    assert training["warmup_epochs"] == float(given.get("--warmup-epochs", recipe["warmup_epochs"]))
     assert training["kl_schedule"] == given.get("--kl-schedule", "linear")
     assert training["precision"] == "bf16"  # given for the vae, the flow-vae's default
     valid_curve = "valid ELBO" if given["--objective"] == "elbo" else "valid IW bound (S=4)"
@@ -181,11 +182,12 @@ def test_the_kl_warm_up_defaults_by_kind(tmp_path, monkeypatch):
 
 def test_each_kind_takes_its_recipe_and_given_settings_win():
     fit = train_vae.VAEFit()
-    assert train_vae.for_kind(fit, "flow-vae") == replace(fit, flows=10, layer="gated", epochs=400, warmup_epochs=100.0,
-                                                          precision="bf16", objective="iwae", k=4)
+    assert train_vae.for_kind(fit, "flow-vae") == replace(fit, flows=20, layer="gated", epochs=370, precision="bf16",
+                                                          warmup_epochs=150.0, lr_warmup_epochs=10.0, objective="iwae",
+                                                          k=4)
     assert train_vae.for_kind(fit, "vae") == replace(fit, flows=0, layer="plain", epochs=470, warmup_epochs=100.0,
-                                                     precision="fp32", objective="iwae", k=4)
+                                                     lr_warmup_epochs=0.0, precision="fp32", objective="iwae", k=4)
     given = train_vae.VAEFit(layer="residual", epochs=7, objective="elbo")
     resolved = train_vae.for_kind(given, "flow-vae")
     assert (resolved.layer, resolved.epochs, resolved.flows, resolved.objective, resolved.k) == (
-        "residual", 7, 10, "elbo", 4)
+        "residual", 7, 20, "elbo", 4)
