@@ -31,7 +31,7 @@ from bench.report import publish
 from bench.servers import free_port
 from bench.service_load import ROOT
 
-DEFAULTS = ("ppca-mnist", "vae-mnist", "flow-vae-mnist")
+DEFAULTS = ("ppca-mnist", "flow-vae-mnist", "vae-mnist")
 
 
 def _launched(log: Path) -> bool:

@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(["RGB" if channels == 3 else "gray", kind, D, m["test_log_likelihood"], m["test_bits_per_dim"],
                      discrete, epochs, f"{m['seconds']:.1f}", f"{wall:.1f}"])
     d = results[0][2]["dataset"]
+    from training.train_vae import KIND_DEFAULTS  # the flow-VAE recipe the fits took
+
+    flows = KIND_DEFAULTS["flow-vae"]["flows"]
     body = (
         f"Data: {n_patches} non-overlapping 16 x 16 patches of scikit-learn's two sample photos (china.jpg, "
         "flower.jpg; `load_sample_images()`), written as RGB PNG files into one folder; the default split of user "
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                  "bits/dim, same model discretised", "epochs", "training s", "fit command s"], rows)
         + "\n\n"
         f"PPCA: closed form (exact ML), d = 32, exact log-likelihood. VAE and flow-VAE: the defaults (d = 40, "
-        f"hidden 512 512, Gaussian decoder with the variance floor 1e-3, flow-VAE 10 amortized planar flows, 1 "
+        f"hidden 512 512, Gaussian decoder with the variance floor 1e-3, flow-VAE {flows} amortized planar flows, 1 "
         f"torch thread) with --epochs {args.epochs} --warmup-epochs {max(1, args.epochs // 6)}, the best "
         f"validation epoch kept; their log-likelihood is the importance-weighted bound with S = {args.eval_samples}. "
         "bits/dim = (-log p(x) + D log 256) / (D ln 2). \"Same model discretised\": the same fitted VAE "

@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.vae_quality [--seeds 0 1 2] [--models vae flow-vae] [-- EXTRA FIT ARGS]
 
 Each run is `python -m training fit --model MODEL --dataset mnist5k-bin --seed SEED --no-export` with
-the driver's defaults (latent 40, flow-vae: 10 amortized planar flows) plus any extra arguments, so the
-figures are those of the default models. The test NLL is -(importance-weighted bound), S = 1,000,
+the driver's defaults (latent 40, each kind's recipe: `KIND_DEFAULTS` in training/train_vae.py) plus any extra
+arguments, so the figures are those of the default models. The test NLL is -(importance-weighted bound), S = 1,000,
 in nats per image (every constant kept); the table gives mean and sample standard deviation over
 seeds, and the training time of each run (evaluation excluded). Prints and records a section in
 docs/benchmarks.md.

@@ -40,13 +40,13 @@ log = logging.getLogger(__name__)
 
 # name -> its fit. The VAE settings are the fit defaults: the quality models of docs/benchmarks.md. Fitted in
 # this order, `jobs` at a time: ppca first, the quickest, to be served within a minute or two; then the longest,
-# vae (about 20 s longer than flow-vae with their recipes, docs/benchmarks.md), so that it starts at once beside ppca,
-# and flow-vae takes ppca's place when it is done (all three are done sooner than in any other order).
+# flow-vae, so that it starts at once beside ppca, and vae takes ppca's place when it is done (all three are
+# done sooner than in any other order).
 DEFAULT_MODELS: dict[str, FitJob] = {
     # PPCA selects nothing on validation rows, so it is fitted on all 4,000 training rows.
     "ppca-mnist": FitJob("ppca", PPCAFit(method="em", latent_dim=40), DataOptions("mnist5k", valid_fraction=0.0)),
-    "vae-mnist": FitJob("vae", VAEFit(), DataOptions("mnist5k-bin")),
     "flow-vae-mnist": FitJob("flow-vae", VAEFit(), DataOptions("mnist5k-bin")),
+    "vae-mnist": FitJob("vae", VAEFit(), DataOptions("mnist5k-bin")),
 }
 _pools: set[ProcessPoolExecutor] = set()  # the pools of fits now running (stop_fits)
 
@@ -205,8 +205,8 @@ def _read_events(events, board: Board | None) -> None:
 def _share_cores(unfinished: list, threads) -> None:
     """When one fit is left, nothing queued behind it, let it use every core: the others sit idle otherwise.
 
-    That last fit bounds how soon all three are served; its remaining epochs and its evaluation then run on the
-    cores the finished fits leave."""
+    The flow-VAE is that last fit (the longest, it bounds how soon all three are served); its remaining epochs
+    and its evaluation then run on the cores the finished fits leave."""
     if len(unfinished) == 1 and unfinished[0].running():
         threads.value = os.cpu_count() or 1
 

@@ -41,7 +41,7 @@ from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, make_o
 # a step. bf16 products cost the plain VAE a seed's bound. 20 flows need the learning-rate warm-up (unsteady without).
 _SHARED = {"objective": "iwae", "k": 4}
 KIND_DEFAULTS: dict[str, dict[str, object]] = {
-    "vae": dict(_SHARED, flows=0, layer="plain", epochs=470, precision="fp32", warmup_epochs=100.0,
+    "vae": dict(_SHARED, flows=0, layer="plain", epochs=420, precision="fp32", warmup_epochs=100.0,
                 lr_warmup_epochs=0.0),
     "flow-vae": dict(_SHARED, flows=20, layer="gated", epochs=370, precision="bf16", warmup_epochs=150.0,
                      lr_warmup_epochs=10.0),

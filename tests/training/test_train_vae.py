@@ -185,7 +185,7 @@ def test_each_kind_takes_its_recipe_and_given_settings_win():
     assert train_vae.for_kind(fit, "flow-vae") == replace(fit, flows=20, layer="gated", epochs=370, precision="bf16",
                                                           warmup_epochs=150.0, lr_warmup_epochs=10.0, objective="iwae",
                                                           k=4)
-    assert train_vae.for_kind(fit, "vae") == replace(fit, flows=0, layer="plain", epochs=470, warmup_epochs=100.0,
+    assert train_vae.for_kind(fit, "vae") == replace(fit, flows=0, layer="plain", epochs=420, warmup_epochs=100.0,
                                                      lr_warmup_epochs=0.0, precision="fp32", objective="iwae", k=4)
     given = train_vae.VAEFit(layer="residual", epochs=7, objective="elbo")
     resolved = train_vae.for_kind(given, "flow-vae")
