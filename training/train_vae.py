@@ -35,10 +35,10 @@ from training.shards import local, reopen_dataset, row_fetcher
 from training.vae import ACTIVATIONS, FLOW_TYPES, LAYERS, LIKELIHOODS, VAE, VAEConfig
 from training.vae_epoch import OBJECTIVES, GlobalBatches, LogWeightTerms, make_optimizer, objective_rows, train_epoch
 
-# Each kind's recipe where the kinds differ: a setting left None (not given) takes its kind's value here, chosen on
-# validation figures (docs/benchmarks.md, "VAE fit options (issue 20)") within what scripts/run affords: all three
-# default models served in 11 minutes of a fresh clone, two fits at a time. IW bound, k = 4: the decoder runs 4 times
-# a step. bf16 products cost the plain VAE a seed's bound. 20 flows need the learning-rate warm-up (unsteady without).
+# Each kind's recipe where the kinds differ (a setting left None takes its kind's value), chosen on validation figures
+# (docs/benchmarks.md, "VAE fit options (issue 20)") within scripts/run's budget: all three default models served in
+# 11 minutes of a fresh clone, two fits at a time. bf16 cost the plain VAE a seed's bound; 20 flows were unsteady
+# without the learning-rate warm-up; the longer KL warm-up gave the flows 0.4-0.5 nats (the VAE -0.13).
 _SHARED = {"objective": "iwae", "k": 4}
 KIND_DEFAULTS: dict[str, dict[str, object]] = {
     "vae": dict(_SHARED, flows=0, layer="plain", epochs=420, precision="fp32", warmup_epochs=100.0,
