@@ -242,7 +242,11 @@ def _report(rows: dict, rss: dict[str, float], args) -> str:
               f"| the same in server CPU per request (JSON's / binary's) | "
               f"{ratio(('latentserve', 'OIP binary', c), ('latentserve', 'OIP JSON', c), 'cpu_us')} | - |",
               f"| OIP JSON / native JSON /encode req/s (latentserve; no goal) | "
-              f"{ratio(('latentserve', 'OIP JSON', c), ('latentserve', 'native JSON /encode', c))} | - |"]
+              f"{ratio(('latentserve', 'OIP JSON', c), ('latentserve', 'native JSON /encode', c))} | - |",
+              # The table gives latentserve's own JSON figure as native JSON /encode: the binary goal read
+              # against that row rather than against OIP JSON (the row above).
+              f"| OIP binary / native JSON /encode req/s (latentserve) | "
+              f"{ratio(('latentserve', 'OIP binary', c), ('latentserve', 'native JSON /encode', c))} | >= 1.3x |"]
     return "\n".join(lines)
 
 
