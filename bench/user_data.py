@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import publish, table
+from training.train_vae import KIND_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH = 16
@@ -190,9 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(["RGB" if channels == 3 else "gray", kind, D, m["test_log_likelihood"], m["test_bits_per_dim"],
                      discrete, epochs, f"{m['seconds']:.1f}", f"{wall:.1f}"])
     d = results[0][2]["dataset"]
-    from training.train_vae import KIND_DEFAULTS  # the flow-VAE recipe the fits took
-
-    flows = KIND_DEFAULTS["flow-vae"]["flows"]
+    flows = KIND_DEFAULTS["flow-vae"]["flows"]  # the recipe the fits took
     body = (
         f"Data: {n_patches} non-overlapping 16 x 16 patches of scikit-learn's two sample photos (china.jpg, "
         "flower.jpg; `load_sample_images()`), written as RGB PNG files into one folder; the default split of user "
