@@ -118,8 +118,8 @@ class GraphRunner:
         self._last_batch = 1  # requests merged into the previous batch (see _collect)
         self._labels = {"model": model, "graph": role}
         self._m_rows = metrics.batch_rows.labels(**self._labels)
-        self._m_reqs = metrics.batch_requests.labels(**self._labels)
-        self._m_queue = metrics.queue_time.labels(**self._labels)
+        self._m_reqs = metrics.batch_requests.labels(model, role)  # these two on the event loop (LoopFamily)
+        self._m_queue = metrics.queue_time.labels(model, role)
         self._m_infer = metrics.inference_time.labels(**self._labels)
         self._m_depth = metrics.queue_depth.labels(**self._labels)
 
