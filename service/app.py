@@ -105,14 +105,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     web.install(app)  # the page at /, its assets, /docs and /redoc
     app.openapi = lambda: openapi(app)  # type: ignore[method-assign]
-    # Middlewares: the last added is the outermost: CORS -> request id/log/metrics -> /v2 errors -> API key ->
-    # body limit.
+    # Middlewares: the last added is the outermost: CORS -> request id/log/metrics -> API key -> body limit. Their
+    # errors, as every error, take the form of the path's API (service/errors.py).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
                        after_large_body=lambda: app.state.runtime.trimmer.soon())
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
-    # /v2 (Open Inference Protocol): its error form, outside the checks above so that their errors take it too
-    app.add_middleware(oip.OIPErrorMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

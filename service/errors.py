@@ -3,6 +3,11 @@
 The one place where a fault gets its HTTP answer: the domain errors of the images, the runtime (a model
 not ready or unknown, a full queue) and the admission budget (`DOMAIN_PROBLEMS`), a model output that is not
 finite (`non_finite_problem`), the framework's own errors, and anything unexpected (500, logged).
+
+On the Open Inference Protocol's routes (/v2) an error takes the protocol's own form instead: `{"error":
+"..."}` with Content-Type application/json, which is what its clients parse (tritonclient raises
+InferenceServerException(body["error"]); KServe's client reads "error" only when the Content-Type is exactly
+application/json). The problem's members stay beside `error`. Every answer below picks its form by the path.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from service.registry import ModelLoadError, ModelNotFoundError
 from service.runtime import ModelControlOffError, NotReadyError, UnknownModelError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+OIP_ERROR_MEDIA_TYPE = "application/json"
 TYPE_BASE = "/problems/"
 
 log = logging.getLogger("service.errors")
@@ -95,21 +101,37 @@ def problem_body(status: int, title: str, detail: str, slug: str, **extra: Any) 
     return {"type": TYPE_BASE + slug, "title": title, "status": status, "detail": detail, **extra}
 
 
+def is_oip_path(path: str) -> bool:
+    """The Open Inference Protocol's routes, whose errors take its form."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_content(path: str, status: int, title: str, detail: str, slug: str, **extra: Any) -> tuple[dict, str]:
+    """(the body, its media type) of an error answer to a request for `path`."""
+    body = problem_body(status, title, detail, slug, **extra)
+    if is_oip_path(path):
+        return {"error": detail, **body}, OIP_ERROR_MEDIA_TYPE
+    return body, PROBLEM_MEDIA_TYPE
+
+
+def render_json(content: Any) -> bytes:
+    """Always valid UTF-8 JSON, whatever a detail quotes: lone surrogates become U+FFFD, and members that are not
+    JSON (a non-finite number, an odd object) leave only the RFC 9457 core (and `error`) behind."""
+    try:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        core = {k: content.get(k) for k in ("error", "type", "title", "status", "detail")} if isinstance(
+            content, dict) else {}
+        text = json.dumps({k: v if isinstance(v, int) else str(v) for k, v in core.items() if v is not None},
+                          ensure_ascii=False, separators=(",", ":"))
+    return _utf8(text)
+
+
 class ProblemResponse(JSONResponse):
     media_type = PROBLEM_MEDIA_TYPE
 
     def render(self, content: Any) -> bytes:
-        """Always valid UTF-8 JSON, whatever a detail quotes: lone surrogates become U+FFFD, and members
-        that are not JSON (a non-finite number, an odd object) leave only the RFC 9457 core behind."""
-        try:
-            text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError, RecursionError):
-            core = {k: content.get(k) for k in ("type", "title", "status", "detail")} if isinstance(
-                content, dict) else {}
-            text = json.dumps({k: v if isinstance(v, int) else str(v) for k, v in core.items()
-                               if v is not None}, ensure_ascii=False,
-                              separators=(",", ":"))
-        return _utf8(text)
+        return render_json(content)
 
 
 def _utf8(text: str) -> bytes:
@@ -121,12 +143,19 @@ def _utf8(text: str) -> bytes:
 
 
 def problem_response(status: int, title: str, detail: str, slug: str, headers: dict[str, str] | None = None,
-                     **extra: Any) -> ProblemResponse:
-    return ProblemResponse(problem_body(status, title, detail, slug, **extra), status_code=status, headers=headers)
+                     *, path: str = "", **extra: Any) -> ProblemResponse:
+    """The error answer to a request for `path` (problem+json; on /v2 the protocol's form)."""
+    content, media_type = error_content(path, status, title, detail, slug, **extra)
+    return ProblemResponse(content, status_code=status, headers=headers, media_type=media_type)
+
+
+def answer(e: ProblemError, path: str) -> ProblemResponse:
+    """The answer to `e` on a request for `path`."""
+    return problem_response(e.status, e.title, e.detail, e.slug, headers=e.headers, path=path, **e.extra)
 
 
 def problem_bytes(status: int, title: str, detail: str, slug: str, **extra: Any) -> bytes:
-    return ProblemResponse(problem_body(status, title, detail, slug, **extra)).body
+    return render_json(problem_body(status, title, detail, slug, **extra))
 
 
 # Short titles for HTTP errors raised by the framework (unknown path, wrong method).
@@ -157,11 +186,10 @@ def invalid_request(errors: Sequence[dict], where: tuple[str, ...] = ()) -> Prob
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError):
-        return problem_response(exc.status, exc.title, exc.detail, exc.slug, headers=exc.headers, **exc.extra)
+        return answer(exc, request.scope["path"])
 
     async def _domain(request: Request, exc: Exception):
-        p = problem_for(exc, request.app.state.settings.retry_after_s)
-        return problem_response(p.status, p.title, p.detail, p.slug, headers=p.headers)
+        return answer(problem_for(exc, request.app.state.settings.retry_after_s), request.scope["path"])
 
     for cls in (images.ImageError, QueueFullError, BusyError, NotReadyError, UnknownModelError,
                 ModelNotFoundError, ModelLoadError, ModelControlOffError):
@@ -169,14 +197,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        p = invalid_request(exc.errors())
-        return problem_response(p.status, p.title, p.detail, p.slug, **p.extra)
+        return answer(invalid_request(exc.errors()), request.scope["path"])
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         if isinstance(exc.__cause__, BodyTooLargeError):  # FastAPI wraps body-read errors in a 400
             return problem_response(413, "Content too large", "the request body is larger than the size limit",
-                                    "content-too-large")
+                                    "content-too-large", path=request.scope["path"])
         title = _HTTP_TITLES.get(exc.status_code, "HTTP error")
         detail = exc.detail if isinstance(exc.detail, str) else title
         if exc.status_code == 404 and detail == "Not Found":
@@ -184,7 +211,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
         return problem_response(exc.status_code, title, detail, title.lower().replace(" ", "-"),
-                                headers=getattr(exc, "headers", None))
+                                headers=getattr(exc, "headers", None), path=request.scope["path"])
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect):
@@ -197,4 +224,4 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):  # pragma: no cover - a bug, logged with its trace
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
-                                "internal-error")
+                                "internal-error", path=request.scope["path"])

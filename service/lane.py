@@ -6,8 +6,8 @@ FastAPI's telemetry and body-limit layers, Starlette's exception middleware, an 
 The inference handlers use none of what those add (no dependencies, no form files, no telemetry when it is
 off): on the event loop they cost more than a third of a small OIP binary request (docs/benchmarks.md). So the
 app's stack is built with this lane in front: a POST (GET for /sample) to an inference route goes through the
-same middleware instances' classes and settings (request id, log and metrics, the /v2 error form, the API key,
-the body limit, CORS), then straight to its handler, whose exceptions go to the app's own exception handlers
+same middleware instances' classes and settings (request id, log and metrics, the API key, the body limit,
+CORS), then straight to its handler, whose exceptions go to the app's own exception handlers
 (service/errors.py); any other request, and every request when OpenTelemetry is on, takes the full stack.
 """
 

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from service import web
-from service.errors import BodyTooLargeError, problem_bytes
+from service.errors import BodyTooLargeError, error_content, render_json
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
@@ -20,11 +20,13 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 OPEN_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"}) | web.OPEN_PATHS
 
 
-async def send_problem(send, status: int, title: str, detail: str, slug: str,
+async def send_problem(scope, send, status: int, title: str, detail: str, slug: str,
                        headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = problem_bytes(status, title, detail, slug)
+    """An error answer to the request of `scope`, in its path's form (service/errors.py)."""
+    content, media_type = error_content(scope["path"], status, title, detail, slug)
+    body = render_json(content)
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/problem+json"),
+                "headers": [(b"content-type", media_type.encode()),
                             (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
@@ -103,8 +105,8 @@ class APIKeyMiddleware:
                 given = auth[7:].strip()
         if given is not None and hmac.compare_digest(given, self.key):
             return await self.app(scope, receive, send)
-        await send_problem(send, 401, "Unauthorized", "this endpoint needs the API key: send it in the X-API-Key "
-                           "header or as Authorization: Bearer <key>", "unauthorized",
+        await send_problem(scope, send, 401, "Unauthorized", "this endpoint needs the API key: send it in the "
+                           "X-API-Key header or as Authorization: Bearer <key>", "unauthorized",
                            [(b"www-authenticate", b'Bearer realm="latentserve"')])
 
 
@@ -129,9 +131,10 @@ class BodySizeLimitMiddleware:
             except ValueError:
                 length = -1
             if length < 0:
-                return await send_problem(send, 400, "Bad Request", "invalid Content-Length header", "bad-request")
+                return await send_problem(scope, send, 400, "Bad Request", "invalid Content-Length header",
+                                          "bad-request")
             if length > self.max_bytes:
-                return await self._too_large(send)
+                return await self._too_large(scope, send)
             # The server hands the app no more body than Content-Length says (the bytes after it are the next
             # request), so there is nothing left to count.
             try:
@@ -162,11 +165,11 @@ class BodySizeLimitMiddleware:
         except BodyTooLargeError:
             if started:
                 raise
-            await self._too_large(send)
+            await self._too_large(scope, send)
         finally:
             if received >= self.large_bytes and self.after_large_body is not None:
                 self.after_large_body()
 
-    async def _too_large(self, send):
-        await send_problem(send, 413, "Content too large", f"the request body is larger than the limit of "
+    async def _too_large(self, scope, send):
+        await send_problem(scope, send, 413, "Content too large", f"the request body is larger than the limit of "
                            f"{self.max_bytes} bytes", "content-too-large", [(b"connection", b"close")])

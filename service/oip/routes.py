@@ -4,7 +4,7 @@ load and unload: service/oip/repository.py).
 Plain Starlette routes (the handler takes the request and returns a Response): no dependency solving per
 request, and no entry in the service's OpenAPI schema, whose errors are problem+json; /v2 follows the
 Open Inference Protocol's own specification instead. Errors raised here are ProblemErrors like everywhere
-else; service/oip/errors.py gives them the protocol's form on the way out.
+else; service/errors.py answers them in the protocol's form, as every error on /v2.
 
 The infer routes are plain ASGI apps (`InferEndpoint`) that answer their own errors: the inference lane
 (service/lane.py) calls them straight from the service's middlewares, without Starlette's request/response
@@ -25,10 +25,9 @@ from starlette.routing import Route
 
 from service import inference as infer
 from service import postprocess as post
-from service.errors import DOMAIN_ERRORS, BodyTooLargeError, ProblemError, problem_for
+from service.errors import DOMAIN_ERRORS, BodyTooLargeError, ProblemError, answer, problem_for
 from service.inputs import INLINE_JSON_BYTES, offload
 from service.oip import models, repository, tensors
-from service.oip.errors import error_response
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -174,17 +173,17 @@ class InferEndpoint:
         try:
             body, json_length = await model_infer(request)
         except ProblemError as e:
-            response = error_response(e)
+            response = answer(e, scope["path"])
         except DOMAIN_ERRORS as e:  # a full queue or work budget, a model not ready: service/errors.py answers
-            response = error_response(problem_for(e, request.app.state.settings.retry_after_s))
+            response = answer(problem_for(e, request.app.state.settings.retry_after_s), scope["path"])
         except ClientDisconnect:  # nobody reads the answer (as service/errors.py answers it)
             response = Response(status_code=499)
         except BodyTooLargeError:  # a streamed body over the limit: the body limit's middleware answers 413
             raise
         except Exception:  # noqa: BLE001 - a bug: logged with its trace, answered 500 in the protocol's form
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            response = error_response(ProblemError(500, "Internal Server Error", "an unexpected error occurred; it "
-                                                   "has been logged", slug="internal-error"))
+            response = answer(ProblemError(500, "Internal Server Error", "an unexpected error occurred; it has been "
+                                           "logged", slug="internal-error"), scope["path"])
         else:  # the headers a Response would send, in its order, without building one
             if json_length is None:
                 headers = [(b"content-length", str(len(body)).encode()), _JSON_TYPE]

@@ -1,4 +1,4 @@
-"""service/metrics.py: the lock-free series (LoopFamily) expose what prometheus_client's own Counter and Histogram do."""
+"""service/metrics.py: the lock-free series (LoopFamily) expose what prometheus_client's Counter and Histogram do."""
 
 from __future__ import annotations
 
