@@ -143,7 +143,7 @@ def _utf8(text: str) -> bytes:
 
 
 def problem_response(status: int, title: str, detail: str, slug: str, headers: dict[str, str] | None = None,
-                     *, path: str = "", **extra: Any) -> ProblemResponse:
+                     *, path: str, **extra: Any) -> ProblemResponse:
     """The error answer to a request for `path` (problem+json; on /v2 the protocol's form)."""
     content, media_type = error_content(path, status, title, detail, slug, **extra)
     return ProblemResponse(content, status_code=status, headers=headers, media_type=media_type)

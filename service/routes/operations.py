@@ -26,14 +26,14 @@ async def health() -> dict:
 async def ready(request: Request, runtime: RuntimeDep, settings: SettingsDep):
     if request.app.state.draining:  # set by service/server.py on SIGTERM
         return problem_response(503, "Not ready", "the server is shutting down", "not-ready",
-                                headers={"Retry-After": str(settings.retry_after_s)})
+                                headers={"Retry-After": str(settings.retry_after_s)}, path=request.scope["path"])
     missing = runtime.registry.missing_required()  # LATENTSERVE_REQUIRED_MODELS
     if not runtime.ready or missing:
         detail = runtime.load_error or ("no models could be loaded" if loading_done(request) else "loading models")
         if runtime.ready:
             detail = f"required models not loaded yet: {', '.join(missing)}"
         return problem_response(503, "Not ready", detail, "not-ready", headers={"Retry-After": str(
-            settings.retry_after_s)})
+            settings.retry_after_s)}, path=request.scope["path"])
     return {"status": "ready", "models": sorted(runtime.models), "default_model": runtime.default_model}
 
 
